@@ -1,0 +1,286 @@
+"""Input validation shared by every public entry point.
+
+Every public function and module calls these helpers first, so a user who passes
+the wrong thing gets one kind of message everywhere: the argument's name, what was
+seen, and what was expected. Nothing downstream re-checks what was checked here.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "as_label_array",
+    "check_choice",
+    "check_class_labels",
+    "check_embeddings",
+    "check_int",
+    "check_labels",
+    "check_matching_dim",
+    "check_real",
+]
+
+
+def _describe(value: Any) -> str:
+    """A short description of ``value`` for error messages."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}" if _is_scalar(value) else type(value).__name__
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (numbers.Number, str)) or value is None
+
+
+def check_embeddings(
+    embeddings: Any, name: str = "embeddings", *, check_finite: bool = True
+) -> Tensor:
+    """Check that ``embeddings`` is a non-empty 2-D floating tensor of finite values.
+
+    Parameters
+    ----------
+    embeddings : Tensor of shape (batch_size, embedding_dim)
+        The value to check.
+    name : str
+        The argument's name, used in error messages.
+    check_finite : bool
+        Also reject NaN and infinite values (one device-to-host sync).
+
+    Returns
+    -------
+    Tensor of shape (batch_size, embedding_dim)
+        ``embeddings`` unchanged.
+
+    Raises
+    ------
+    TypeError
+        If it is not a floating-point ``torch.Tensor``.
+    ValueError
+        If it is not 2-D, is empty, or holds non-finite values.
+    """
+    if not isinstance(embeddings, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (batch_size, embedding_dim); "
+            f"got {_describe(embeddings)}"
+        )
+    if embeddings.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D, of shape (batch_size, embedding_dim); "
+            f"got shape {tuple(embeddings.shape)}"
+        )
+    if not embeddings.is_floating_point():
+        raise TypeError(
+            f"{name} must have a floating-point dtype (float16, bfloat16, float32 or "
+            f"float64); got {embeddings.dtype}"
+        )
+    if embeddings.shape[0] == 0:
+        raise ValueError(
+            f"{name} is an empty batch (shape {tuple(embeddings.shape)}); "
+            "expected at least one row"
+        )
+    if embeddings.shape[1] == 0:
+        raise ValueError(
+            f"{name} has embedding_dim 0 (shape {tuple(embeddings.shape)}); "
+            "expected at least one column"
+        )
+    if check_finite:
+        finite = torch.isfinite(embeddings)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise ValueError(
+                f"{name} contains {bad} non-finite value(s) (NaN or inf) out of "
+                f"{embeddings.numel()}; expected only finite values. Check the model's "
+                "output (a diverged step, fp16 overflow, or a division by zero norm)."
+            )
+    return embeddings
+
+
+def check_labels(
+    labels: Any,
+    num_rows: int,
+    name: str = "labels",
+    *,
+    device: torch.device | None = None,
+    rows_name: str = "embeddings",
+) -> Tensor:
+    """Check and convert class labels for a batch of ``num_rows`` embeddings.
+
+    Parameters
+    ----------
+    labels : Tensor, ndarray or sequence of int, of shape (num_rows,)
+        Integer class labels. Floating or boolean labels are rejected rather than
+        rounded, because a float cast silently merges large identity ids.
+    num_rows : int
+        The number of embeddings the labels belong to.
+    name : str
+        The argument's name, used in error messages.
+    device : torch.device, optional
+        Move the labels to this device (usually the embeddings' device).
+    rows_name : str
+        The name of the embeddings argument, used in error messages.
+
+    Returns
+    -------
+    Tensor of shape (num_rows,) and an integer dtype
+    """
+    if not isinstance(labels, Tensor):
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, (Collection, np.ndarray)):
+            raise TypeError(
+                f"{name} must be a 1-D integer tensor, array or sequence; got {_describe(labels)}"
+            )
+        array = np.asarray(labels)
+        if array.dtype.kind not in "iu" and array.size > 0:
+            raise TypeError(f"{name} must hold integers; got {_describe(array)}")
+        labels = torch.as_tensor(array.astype(np.int64, copy=False))
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(
+            f"{name} must have an integer dtype (e.g. torch.int64); got {labels.dtype}. "
+            "Floating labels are not rounded: identity ids above 2**24 would collide."
+        )
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, of shape ({num_rows},); got shape {tuple(labels.shape)}")
+    if labels.shape[0] != num_rows:
+        raise ValueError(
+            f"{name} has {labels.shape[0]} entries but {rows_name} has {num_rows} rows; "
+            "expected one label per embedding"
+        )
+    if device is not None and labels.device != device:
+        labels = labels.to(device)
+    return labels
+
+
+def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> Tensor:
+    """Check that integer ``labels`` lie in ``[0, num_classes)``.
+
+    Parameters
+    ----------
+    labels : Tensor of shape (batch_size,)
+        Already checked by :func:`check_labels`.
+    num_classes : int
+        The number of classes of the classifier or proxy set.
+    name : str
+        The argument's name, used in error messages.
+    """
+    if labels.numel() == 0:
+        return labels
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"{name} must lie in [0, num_classes) = [0, {num_classes}); found {bad} "
+            f"(labels span [{low}, {high}]). Map identities to 0..num_classes-1 first."
+        )
+    return labels
+
+
+def check_matching_dim(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    """Check that two embedding matrices have the same number of columns."""
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{name_a} has embedding_dim {a.shape[1]} but {name_b} has {b.shape[1]}; "
+            "expected the same embedding dimension"
+        )
+
+
+def check_real(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> float:
+    """Check that ``value`` is a finite real number in the given range.
+
+    Returns
+    -------
+    float
+        ``value`` as a Python float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {_describe(value)}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        left = "[" if low_inclusive else "("
+        right = "]" if high_inclusive else ")"
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        raise ValueError(f"{name} must lie in {left}{lo}, {hi}{right}; got {value:g}")
+    return value
+
+
+def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """Check that ``value`` is an integer (not a bool) in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {_describe(value)}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else str(low)
+        hi = "inf" if high is None else str(high)
+        raise ValueError(f"{name} must lie in [{lo}, {hi}]; got {value}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
+    """Check that ``value`` is one of the allowed string ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {options}; got {value!r}")
+    return value
+
+
+def as_label_array(labels: Any, name: str = "labels", *, allow_empty: bool = False) -> np.ndarray:
+    """Convert labels (list, numpy array or tensor) to a 1-D ``int64`` numpy array.
+
+    Integers of any size that fit in int64 are kept exactly; floating and boolean
+    labels are rejected, never rounded.
+
+    Parameters
+    ----------
+    labels : array-like of shape (n_samples,)
+        Integer labels.
+    name : str
+        The argument's name, used in error messages.
+    allow_empty : bool
+        Accept a zero-length array.
+
+    Returns
+    -------
+    ndarray of shape (n_samples,) and dtype int64
+    """
+    if isinstance(labels, Tensor):
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            raise TypeError(f"{name} must have an integer dtype; got {labels.dtype}")
+        array = labels.detach().cpu().numpy()
+    elif isinstance(labels, (np.ndarray, Collection)) and not isinstance(labels, (str, bytes)):
+        array = np.asarray(labels)
+    else:
+        raise TypeError(f"{name} must be a 1-D integer array, tensor or sequence; got {_describe(labels)}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, of shape (n_samples,); got shape {array.shape}")
+    if array.size == 0:
+        if not allow_empty:
+            raise ValueError(f"{name} is empty; expected at least one label")
+        return array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        raise TypeError(
+            f"{name} must hold integers; got dtype {array.dtype}. Floating labels are not "
+            "rounded: identity ids above 2**24 would collide."
+        )
+    if array.dtype == np.uint64 and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds values above 2**63 - 1; expected labels that fit in int64")
+    return array.astype(np.int64, copy=False)

@@ -1,0 +1,371 @@
+"""The contract every embedkit loss follows, and the algebra that combines them.
+
+A loss is a ``torch.nn.Module`` called as ``loss(embeddings, labels)`` that returns
+a scalar tensor. After each call it exposes
+
+* ``last_value`` — the value it returned, as a float;
+* ``last_stats`` — a dict of floats describing the batch (positive pairs found,
+  active triplets, mean similarities, ...) for monitors and logging.
+
+Both are kept as detached tensors and only turned into floats when read, so a
+training step that never reads them never waits for the GPU.
+
+Losses add and scale like tensors: ``ArcFaceLoss(...) + 0.5 * SupConLoss(...)`` is
+a :class:`LossSum`, itself a loss, whose parameters (class centres, proxies) are
+registered with it so ``optimizer(loss.parameters())`` and ``loss.to(device)`` work.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..mining import pair_masks
+from .._checks import (
+    check_class_labels,
+    check_embeddings,
+    check_labels,
+    check_matching_dim,
+    check_real,
+)
+
+__all__ = ["ClassifierLoss", "Loss", "LossSum", "PairBatch", "PairLoss"]
+
+
+class Loss(nn.Module):
+    """Base class of every embedkit loss: statistics recording and loss algebra.
+
+    Subclasses set ``accepts_reference`` to say whether they take
+    ``ref_embeddings=``/``ref_labels=``.
+    """
+
+    accepts_reference: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_value: Tensor | None = None
+        self._last_stats: dict[str, Tensor | float] = {}
+
+    # -- recording -------------------------------------------------------------
+    def _record(self, value: Tensor, stats: Mapping[str, Tensor | float]) -> Tensor:
+        self._last_value = value.detach()
+        self._last_stats = {
+            k: (v.detach() if isinstance(v, Tensor) else float(v)) for k, v in stats.items()
+        }
+        return value
+
+    @property
+    def last_value(self) -> float | None:
+        """The value returned by the last call, or ``None`` before the first call."""
+        return None if self._last_value is None else float(self._last_value)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Statistics of the last call as floats (empty before the first call)."""
+        return {k: float(v) for k, v in self._last_stats.items()}
+
+    # -- algebra -----------------------------------------------------------------
+    def __add__(self, other: object) -> LossSum:
+        if isinstance(other, Loss):
+            return LossSum([(1.0, self), (1.0, other)])
+        return NotImplemented
+
+    def __radd__(self, other: object) -> Loss:
+        # ``sum(losses)`` starts from 0.
+        if isinstance(other, numbers.Number) and other == 0:
+            return self
+        return NotImplemented
+
+    def __mul__(self, weight: object) -> LossSum:
+        if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
+            return LossSum([(check_real(weight, "weight"), self)])
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor: object) -> LossSum:
+        if isinstance(divisor, numbers.Real) and not isinstance(divisor, bool):
+            divisor = check_real(divisor, "divisor")
+            if divisor == 0:
+                raise ZeroDivisionError("cannot divide a loss by 0")
+            return LossSum([(1.0 / divisor, self)])
+        return NotImplemented
+
+    def __neg__(self) -> LossSum:
+        return LossSum([(-1.0, self)])
+
+    def __sub__(self, other: object) -> LossSum:
+        if isinstance(other, Loss):
+            return self + (-other)
+        return NotImplemented
+
+    @staticmethod
+    def _zero(embeddings: Tensor) -> Tensor:
+        """A zero loss still attached to the graph, so ``backward()`` works."""
+        return embeddings.sum() * 0.0
+
+
+class LossSum(Loss):
+    """A weighted sum of losses, built by ``a + b``, ``w * a``, ``a / w`` or ``sum(...)``.
+
+    Nested sums are flattened: ``0.5 * (a + b) + c`` holds the three terms
+    ``(0.5, a), (0.5, b), (1.0, c)``. Each term keeps its own ``last_value`` and
+    ``last_stats``; the sum's ``last_stats`` lists them under ``"<i>.<Name>.<key>"``.
+
+    ``ref_embeddings``/``ref_labels`` are passed to the terms that accept them (pair
+    losses) and not to classification or proxy losses, which compare embeddings
+    with their own learnable centres.
+
+    Parameters
+    ----------
+    terms : iterable of (float, Loss)
+        The weights and losses.
+    """
+
+    def __init__(self, terms: Iterable[tuple[float, Loss]]) -> None:
+        super().__init__()
+        flat: list[tuple[float, Loss]] = []
+        for weight, loss in terms:
+            if not isinstance(loss, Loss):
+                raise TypeError(f"each term must be an embedkit Loss; got {type(loss).__name__}")
+            if isinstance(loss, LossSum):
+                flat.extend((weight * w, inner) for w, inner in loss.terms)
+            else:
+                flat.append((float(weight), loss))
+        if not flat:
+            raise ValueError("a LossSum needs at least one term")
+        self.weights = tuple(w for w, _ in flat)
+        self.losses = nn.ModuleList([loss for _, loss in flat])
+        self.accepts_reference = any(loss.accepts_reference for loss in self.losses)
+
+    @property
+    def terms(self) -> list[tuple[float, Loss]]:
+        """The (weight, loss) pairs of this sum, flattened."""
+        return list(zip(self.weights, self.losses))  # type: ignore[arg-type]
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Weighted sum of every term's loss on the same batch.
+
+        Parameters
+        ----------
+        embeddings : Tensor of shape (batch_size, embedding_dim)
+        labels : Tensor of shape (batch_size,)
+        ref_embeddings : Tensor of shape (ref_size, embedding_dim), optional
+            Passed to the terms that accept a reference set.
+        ref_labels : Tensor of shape (ref_size,), optional
+
+        Returns
+        -------
+        Tensor
+            A scalar.
+        """
+        has_ref = ref_embeddings is not None or ref_labels is not None
+        if has_ref and not self.accepts_reference:
+            names = ", ".join(type(loss).__name__ for loss in self.losses)
+            raise TypeError(f"none of the terms ({names}) accepts ref_embeddings/ref_labels")
+        total: Tensor | None = None
+        stats: dict[str, Tensor | float] = {}
+        for i, (weight, loss) in enumerate(self.terms):
+            if has_ref and loss.accepts_reference:
+                value = loss(embeddings, labels, ref_embeddings=ref_embeddings, ref_labels=ref_labels)
+            else:
+                value = loss(embeddings, labels)
+            total = weight * value if total is None else total + weight * value
+            prefix = f"{i}.{type(loss).__name__}"
+            stats[f"{prefix}.loss"] = value.detach()
+            stats.update({f"{prefix}.{k}": v for k, v in loss._last_stats.items()})
+        assert total is not None
+        return self._record(total, stats)
+
+    def extra_repr(self) -> str:
+        return "weights=" + ", ".join(f"{w:g}" for w in self.weights)
+
+
+class PairBatch:
+    """A validated batch for pair-based losses: queries, references and label masks.
+
+    Attributes
+    ----------
+    embeddings : Tensor of shape (n, d)
+    ref_embeddings : Tensor of shape (m, d)
+        ``embeddings`` itself when no reference set was given.
+    labels : Tensor of shape (n,)
+    ref_labels : Tensor of shape (m,)
+    is_self : bool
+        The batch is compared against itself; the diagonal is no pair.
+    positive_mask, negative_mask : Tensor of shape (n, m) and dtype bool
+        Same label (excluding each item paired with itself) and different label.
+    """
+
+    def __init__(
+        self,
+        embeddings: Tensor,
+        labels: Any,
+        ref_embeddings: Tensor | None,
+        ref_labels: Any,
+    ) -> None:
+        check_embeddings(embeddings, "embeddings")
+        self.labels = check_labels(labels, embeddings.shape[0], "labels", device=embeddings.device)
+        if (ref_embeddings is None) != (ref_labels is None):
+            raise ValueError(
+                "ref_embeddings and ref_labels must be given together; got only "
+                + ("ref_embeddings" if ref_labels is None else "ref_labels")
+            )
+        self.embeddings = embeddings
+        self.is_self = ref_embeddings is None
+        if ref_embeddings is None:
+            self.ref_embeddings, self.ref_labels = embeddings, self.labels
+        else:
+            check_embeddings(ref_embeddings, "ref_embeddings")
+            check_matching_dim(embeddings, ref_embeddings, "embeddings", "ref_embeddings")
+            self.ref_embeddings = ref_embeddings
+            self.ref_labels = check_labels(
+                ref_labels,
+                ref_embeddings.shape[0],
+                "ref_labels",
+                device=embeddings.device,
+                rows_name="ref_embeddings",
+            )
+        self.positive_mask, self.negative_mask = pair_masks(
+            self.labels, None if self.is_self else self.ref_labels
+        )
+
+
+class PairLoss(Loss):
+    """Base of losses computed from pairs of a batch (or of queries vs a reference set).
+
+    Subclasses implement :meth:`compute` on a validated :class:`PairBatch`.
+    """
+
+    accepts_reference = True
+
+    def forward(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        ref_embeddings: Tensor | None = None,
+        ref_labels: Tensor | None = None,
+    ) -> Tensor:
+        """Compute the loss.
+
+        Parameters
+        ----------
+        embeddings : Tensor of shape (batch_size, embedding_dim)
+            Query embeddings (any floating dtype; computed in float32 or float64).
+        labels : Tensor of shape (batch_size,)
+            Integer class labels.
+        ref_embeddings : Tensor of shape (ref_size, embedding_dim), optional
+            A reference set to contrast the queries against (e.g. high-resolution
+            gallery images for super-resolved probes). Without it the batch is
+            contrasted with itself, each item excluded from its own pairs.
+        ref_labels : Tensor of shape (ref_size,), optional
+            Labels of ``ref_embeddings``; required with it.
+
+        Returns
+        -------
+        Tensor
+            A scalar. 0 (with the graph kept) when the batch has no usable pair;
+            ``last_stats["num_positive_pairs"]`` then says so.
+        """
+        batch = PairBatch(embeddings, labels, ref_embeddings, ref_labels)
+        value, stats = self.compute(batch)
+        return self._record(value, stats)
+
+    def compute(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def pair_counts(batch: PairBatch) -> dict[str, Tensor | float]:
+        """The number of positive and negative pairs, for ``last_stats``."""
+        return {
+            "num_positive_pairs": batch.positive_mask.sum(),
+            "num_negative_pairs": batch.negative_mask.sum(),
+        }
+
+
+class ClassifierLoss(Loss):
+    """Base of losses with learnable per-class parameters (class centres, proxies).
+
+    Subclasses hold ``num_classes`` and implement :meth:`compute`.
+    """
+
+    num_classes: int
+
+    def forward(self, embeddings: Tensor, labels: Tensor, **kwargs: Any) -> Tensor:
+        """Compute the loss.
+
+        Parameters
+        ----------
+        embeddings : Tensor of shape (batch_size, embedding_dim)
+        labels : Tensor of shape (batch_size,)
+            Integer class labels in ``[0, num_classes)``.
+
+        Returns
+        -------
+        Tensor
+            A scalar.
+        """
+        if kwargs:
+            raise TypeError(
+                f"{type(self).__name__} compares embeddings with its learnable class "
+                f"parameters and takes no {', '.join(sorted(kwargs))}"
+            )
+        check_embeddings(embeddings, "embeddings")
+        self._check_dim(embeddings)
+        labels = check_labels(labels, embeddings.shape[0], "labels", device=embeddings.device)
+        check_class_labels(labels, self.num_classes, "labels")
+        value, stats = self.compute(embeddings, labels)
+        return self._record(value, stats)
+
+    def compute(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor | float]]:
+        raise NotImplementedError
+
+    def _check_dim(self, embeddings: Tensor) -> None:
+        expected = self.embedding_dim
+        if embeddings.shape[1] != expected:
+            raise ValueError(
+                f"embeddings has embedding_dim {embeddings.shape[1]} but "
+                f"{type(self).__name__} was built with embedding_dim={expected}"
+            )
+
+    @property
+    def embedding_dim(self) -> int:
+        raise NotImplementedError
+
+
+# -- masked reductions shared by the losses ---------------------------------------
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` where ``mask`` is true; 0 (not NaN) where nothing is selected."""
+    kept = torch.where(mask, values, torch.zeros_like(values))
+    if dim is None:
+        return kept.sum() / mask.sum().clamp_min(1)
+    return kept.sum(dim) / mask.sum(dim).clamp_min(1)
+
+
+def masked_logsumexp(values: Tensor, mask: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """``log Σ exp(values)`` over the masked entries along ``dim``.
+
+    Returns the result and whether any entry was selected. Masked entries are filled
+    with the dtype's lowest finite value instead of ``-inf``, so an empty selection
+    gives a finite value with a zero gradient rather than NaN.
+    """
+    filled = torch.where(mask, values, torch.full_like(values, torch.finfo(values.dtype).min))
+    return torch.logsumexp(filled, dim=dim), mask.any(dim=dim)
+
+
+def log1p_sum_exp(values: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """``log(1 + Σ exp(values))`` over the masked entries along ``dim`` (0 if none)."""
+    lse, anything = masked_logsumexp(values, mask, dim)
+    return torch.where(anything, torch.nn.functional.softplus(lse), torch.zeros_like(lse))
