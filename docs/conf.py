@@ -15,7 +15,6 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
-    "sphinx.ext.intersphinx",
 ]
 
 autodoc_member_order = "bysource"
@@ -25,13 +24,6 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
-
-intersphinx_mapping = {
-    "python": ("https://docs.python.org/3", None),
-}
-# No network in CI: never fetch inventories.
-intersphinx_disabled_reftypes = ["*"]
-intersphinx_timeout = 1
 
 html_theme = "furo"
 html_title = f"embedkit {release}"

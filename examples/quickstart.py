@@ -41,7 +41,10 @@ def make_identities(
 
 
 def nearest_neighbour_accuracy(
-    gallery: torch.Tensor, gallery_labels: torch.Tensor, probes: torch.Tensor, probe_labels: torch.Tensor
+    gallery: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    probes: torch.Tensor,
+    probe_labels: torch.Tensor,
 ) -> tuple[int, int]:
     """Rank-1 hits of probes against a gallery of *other* images (cosine)."""
     scores = ek.pairwise_similarity(probes, gallery)
@@ -50,7 +53,9 @@ def nearest_neighbour_accuracy(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)

@@ -41,9 +41,7 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, (numbers.Number, str)) or value is None
 
 
-def check_embeddings(
-    embeddings: Any, name: str = "embeddings", *, check_finite: bool = True
-) -> Tensor:
+def check_embeddings(embeddings: Any, name: str = "embeddings", *, check_finite: bool = True) -> Tensor:
     """Check that ``embeddings`` is a non-empty 2-D floating tensor of finite values.
 
     Parameters
@@ -69,13 +67,11 @@ def check_embeddings(
     """
     if not isinstance(embeddings, Tensor):
         raise TypeError(
-            f"{name} must be a torch.Tensor of shape (batch_size, embedding_dim); "
-            f"got {_describe(embeddings)}"
+            f"{name} must be a torch.Tensor of shape (batch_size, embedding_dim); got {_describe(embeddings)}"
         )
     if embeddings.ndim != 2:
         raise ValueError(
-            f"{name} must be 2-D, of shape (batch_size, embedding_dim); "
-            f"got shape {tuple(embeddings.shape)}"
+            f"{name} must be 2-D, of shape (batch_size, embedding_dim); got shape {tuple(embeddings.shape)}"
         )
     if not embeddings.is_floating_point():
         raise TypeError(
@@ -84,13 +80,11 @@ def check_embeddings(
         )
     if embeddings.shape[0] == 0:
         raise ValueError(
-            f"{name} is an empty batch (shape {tuple(embeddings.shape)}); "
-            "expected at least one row"
+            f"{name} is an empty batch (shape {tuple(embeddings.shape)}); expected at least one row"
         )
     if embeddings.shape[1] == 0:
         raise ValueError(
-            f"{name} has embedding_dim 0 (shape {tuple(embeddings.shape)}); "
-            "expected at least one column"
+            f"{name} has embedding_dim 0 (shape {tuple(embeddings.shape)}); expected at least one column"
         )
     if check_finite:
         finite = torch.isfinite(embeddings)

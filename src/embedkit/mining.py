@@ -98,7 +98,9 @@ def sorted_negatives(distance: Tensor, negative_mask: Tensor) -> tuple[Tensor, T
     return values, negative_mask.sum(dim=1)
 
 
-def semi_hard_negatives(distance: Tensor, positive_mask: Tensor, negative_mask: Tensor) -> tuple[Tensor, Tensor]:
+def semi_hard_negatives(
+    distance: Tensor, positive_mask: Tensor, negative_mask: Tensor
+) -> tuple[Tensor, Tensor]:
     """Semi-hard negative for each anchor-positive pair (Schroff et al., 2015).
 
     For a pair (a, p) the chosen negative is the nearest negative of ``a`` that is

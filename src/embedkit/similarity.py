@@ -20,14 +20,13 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_choice, check_embeddings, check_matching_dim
 
 __all__ = [
-    "Metric",
     "METRICS",
+    "Metric",
     "l2_normalize",
     "pairwise_distance",
     "pairwise_similarity",
@@ -75,7 +74,13 @@ def l2_normalize(x: Tensor) -> Tensor:
     -------
     Tensor of shape (n, d)
     """
-    return F.normalize(x, p=2.0, dim=1, eps=_NORM_EPS)
+    # Not F.normalize: it divides a zero row by eps, which gives that row a gradient of
+    # about 1/eps (1e12, inf once cast back to float16). A row at or below eps is zero
+    # here, with a zero gradient; other rows are divided by their exact norm.
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    is_zero = norm <= _NORM_EPS
+    safe = torch.where(is_zero, torch.ones_like(norm), norm)
+    return torch.where(is_zero, torch.zeros_like(x), x / safe)
 
 
 def pairwise_similarity(x: Tensor, y: Tensor | None = None, *, metric: Metric = "cosine") -> Tensor:

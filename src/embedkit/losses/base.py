@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..mining import pair_masks
 from .._checks import (
     check_class_labels,
     check_embeddings,
@@ -32,6 +31,7 @@ from .._checks import (
     check_matching_dim,
     check_real,
 )
+from ..mining import pair_masks
 
 __all__ = ["ClassifierLoss", "Loss", "LossSum", "PairBatch", "PairLoss"]
 
@@ -53,9 +53,7 @@ class Loss(nn.Module):
     # -- recording -------------------------------------------------------------
     def _record(self, value: Tensor, stats: Mapping[str, Tensor | float]) -> Tensor:
         self._last_value = value.detach()
-        self._last_stats = {
-            k: (v.detach() if isinstance(v, Tensor) else float(v)) for k, v in stats.items()
-        }
+        self._last_stats = {k: (v.detach() if isinstance(v, Tensor) else float(v)) for k, v in stats.items()}
         return value
 
     @property
@@ -145,7 +143,7 @@ class LossSum(Loss):
     @property
     def terms(self) -> list[tuple[float, Loss]]:
         """The (weight, loss) pairs of this sum, flattened."""
-        return list(zip(self.weights, self.losses))  # type: ignore[arg-type]
+        return list(zip(self.weights, self.losses, strict=True))  # type: ignore[arg-type]
 
     def forward(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ class ContrastiveLoss(PairLoss):
         super().__init__()
         self.pos_margin = check_real(pos_margin, "pos_margin")
         self.neg_margin = check_real(neg_margin, "neg_margin")
-        self.distance = check_choice(distance, "distance", DISTANCES)
+        self.distance = cast(Distance, check_choice(distance, "distance", DISTANCES))
         self.normalize = bool(normalize)
 
     def compute(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor | float]]:

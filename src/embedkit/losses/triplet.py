@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ class TripletMarginLoss(PairLoss):
         super().__init__()
         self.margin = check_real(margin, "margin")
         self.mining = check_choice(mining, "mining", MININGS)
-        self.distance = check_choice(distance, "distance", DISTANCES)
+        self.distance = cast(Distance, check_choice(distance, "distance", DISTANCES))
         self.normalize = bool(normalize)
         self.soft_margin = bool(soft_margin)
 
