@@ -1,0 +1,144 @@
+"""Loss forward+backward time (and optionally peak memory) against pytorch-metric-learning.
+
+Both libraries run in the same process on the same PK batches (P classes × 4
+samples, d=128, float32, CPU) with equal hyper-parameters; the table reports the
+median of several repetitions and the ratio PML / embedkit (above 1 = embedkit
+faster). ``--memory`` re-runs each case in a fresh subprocess and reports its peak
+resident memory growth, which shows the N×N×N and pairs×N tensors PML builds.
+
+    python benchmarks/bench_losses.py [--quick] [--memory] [--sizes 256 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import embedkit as ek
+
+NUM_CLASSES = 1000
+DIM = 128
+
+
+def _cases() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], object]]]:
+    """name -> (embedkit factory, PML factory returning a callable(emb, labels))."""
+    from pytorch_metric_learning import losses as L
+    from pytorch_metric_learning import miners as M
+    from pytorch_metric_learning.reducers import MeanReducer
+
+    def pml_with_miner(loss: object, miner: object) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return lambda x, y: loss(x, y, miner(x, y))  # type: ignore[operator]
+
+    def classifier_pair(ours: type, theirs: type, **kw: float) -> tuple[Callable, Callable]:
+        def make_ours() -> torch.nn.Module:
+            return ours(NUM_CLASSES, DIM)
+
+        def make_theirs() -> object:
+            return theirs(num_classes=NUM_CLASSES, embedding_size=DIM, **kw)
+
+        return make_ours, make_theirs
+
+    return {
+        "ContrastiveLoss": (ek.ContrastiveLoss, L.ContrastiveLoss),
+        "TripletMarginLoss batch_all": (
+            lambda: ek.TripletMarginLoss(0.2),
+            lambda: L.TripletMarginLoss(0.2),
+        ),
+        "TripletMarginLoss all": (
+            lambda: ek.TripletMarginLoss(0.2, mining="all"),
+            lambda: L.TripletMarginLoss(0.2, reducer=MeanReducer()),
+        ),
+        "TripletMarginLoss batch_hard": (
+            lambda: ek.TripletMarginLoss(0.2, mining="batch_hard"),
+            lambda: pml_with_miner(L.TripletMarginLoss(0.2, reducer=MeanReducer()), M.BatchHardMiner()),
+        ),
+        "SupConLoss": (ek.SupConLoss, L.SupConLoss),
+        "NTXentLoss": (ek.NTXentLoss, L.NTXentLoss),
+        "MultiSimilarityLoss (mined)": (
+            ek.MultiSimilarityLoss,
+            lambda: pml_with_miner(L.MultiSimilarityLoss(), M.MultiSimilarityMiner(0.1)),
+        ),
+        "CircleLoss": (ek.CircleLoss, L.CircleLoss),
+        "ArcFaceLoss": classifier_pair(ek.ArcFaceLoss, L.ArcFaceLoss, margin=math.degrees(0.5)),
+        "CosFaceLoss": classifier_pair(ek.CosFaceLoss, L.CosFaceLoss),
+        "SubCenterArcFaceLoss": classifier_pair(
+            ek.SubCenterArcFaceLoss, L.SubCenterArcFaceLoss, margin=math.degrees(0.5)
+        ),
+        "ProxyAnchorLoss": classifier_pair(ek.ProxyAnchorLoss, L.ProxyAnchorLoss),
+    }
+
+
+def _batch(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randperm(NUM_CLASSES, generator=generator)[: size // 4].repeat_interleave(4)
+    return torch.randn(len(labels), DIM, generator=generator), labels
+
+
+def _time(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], size: int, repeats: int) -> float:
+    x, y = _batch(size)
+    times = []
+    for i in range(repeats + 1):
+        emb = x.clone().requires_grad_()
+        start = time.perf_counter()
+        loss(emb, y).backward()
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_growth_mib(name: str, library: str, size: int) -> float:
+    """Peak RSS growth of one forward+backward, in a fresh interpreter."""
+    code = (
+        "import resource, benchmarks.bench_losses as b\n"
+        f"ours, theirs = b._cases()[{name!r}]\n"
+        f"loss = (ours if {library!r} == 'embedkit' else theirs)()\n"
+        f"x, y = b._batch({size})\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "loss(x.requires_grad_(), y).backward()\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="batch 256 only, 3 repetitions")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (slow)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    args = parser.parse_args(argv)
+    sizes = args.sizes or ([256] if args.quick else [256, 1024])
+    repeats = 3 if args.quick else 7
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={DIM}, PK batches with K=4")
+    header = f"{'loss':30s} {'batch':>5s} {'embedkit ms':>12s} {'PML ms':>10s} {'PML/ek':>7s}"
+    if args.memory:
+        header += f" {'ek MiB':>8s} {'PML MiB':>8s}"
+    print(header)
+    for name, (ours, theirs) in _cases().items():
+        for size in sizes:
+            ek_time = _time(ours(), size, repeats)
+            pml_time = _time(theirs(), size, repeats)  # type: ignore[arg-type]
+            row = (
+                f"{name:30s} {size:5d} {1e3 * ek_time:12.2f} {1e3 * pml_time:10.2f} {pml_time / ek_time:7.2f}"
+            )
+            if args.memory:
+                row += f" {_peak_growth_mib(name, 'embedkit', size):8.1f}"
+                row += f" {_peak_growth_mib(name, 'pml', size):8.1f}"
+            print(row, flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS of this process: {peak:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
