@@ -278,3 +278,90 @@ def as_label_array(labels: Any, name: str = "labels", *, allow_empty: bool = Fal
     if array.dtype == np.uint64 and array.max() > np.iinfo(np.int64).max:
         raise ValueError(f"{name} holds values above 2**63 - 1; expected labels that fit in int64")
     return array.astype(np.int64, copy=False)
+
+
+def _to_numpy(values: Any, name: str, expected: str) -> np.ndarray:
+    """A tensor (any device, detached) or array-like as a numpy array, without copying numpy input."""
+    if isinstance(values, Tensor):
+        values = values.detach()
+        if values.dtype in (torch.float16, torch.bfloat16):
+            values = values.float()
+        return values.cpu().numpy()
+    if isinstance(values, np.ndarray):
+        return values
+    if isinstance(values, (str, bytes)) or not isinstance(values, Collection):
+        raise TypeError(f"{name} must be {expected}; got {_describe(values)}")
+    return np.asarray(values)
+
+
+def as_float_array(values: Any, name: str, *, allow_empty: bool = False) -> np.ndarray:
+    """Convert 1-D real values (list, numpy array or tensor on any device) to a finite numpy array.
+
+    float32 stays float32 (half precision becomes float32); every other real dtype,
+    integers included, becomes float64. Booleans are rejected: they are labels, not values.
+
+    Parameters
+    ----------
+    values : array-like of shape (n,)
+        The values to check (e.g. verification scores or distances).
+    name : str
+        The argument's name, used in error messages.
+    allow_empty : bool
+        Accept a zero-length array.
+
+    Returns
+    -------
+    ndarray of shape (n,) and dtype float32 or float64
+    """
+    array = _to_numpy(values, name, "a 1-D array, tensor or sequence of real numbers")
+    if array.dtype == np.bool_ or array.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers (float or int); got {_describe(array)}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, of shape (n,); got shape {array.shape}")
+    if array.size == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty; expected at least one value")
+    array = array.astype(np.float32 if array.dtype in (np.float16, np.float32) else np.float64, copy=False)
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(array.size - np.count_nonzero(finite))
+        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf) out of {array.size}")
+    return array
+
+
+def as_bool_array(
+    values: Any, name: str, *, length: int | None = None, length_name: str | None = None
+) -> np.ndarray:
+    """Convert 1-D binary flags (bool, or integers that are all 0 or 1) to a numpy bool array.
+
+    Parameters
+    ----------
+    values : array-like of shape (n,)
+        Booleans, or integers holding only 0 and 1. Floats are rejected, never rounded.
+    name : str
+        The argument's name, used in error messages.
+    length : int, optional
+        The length ``values`` must have.
+    length_name : str, optional
+        The argument whose length ``values`` must match, used in error messages.
+
+    Returns
+    -------
+    ndarray of shape (n,) and dtype bool
+    """
+    array = _to_numpy(values, name, "a 1-D boolean array, tensor or sequence")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, of shape (n,); got shape {array.shape}")
+    if length is not None and array.shape[0] != length:
+        other = f"{length_name} has {length}" if length_name else f"expected {length}"
+        raise ValueError(f"{name} has {array.shape[0]} entries but {other}; expected one per entry")
+    if array.dtype == np.bool_:
+        return array
+    if array.dtype.kind not in "iu" and array.size > 0:
+        raise TypeError(f"{name} must hold booleans (or integers 0/1); got {_describe(array)}")
+    if array.size and not np.isin(array, (0, 1)).all():
+        seen = np.unique(array[(array != 0) & (array != 1)])[:5].tolist()
+        raise ValueError(f"{name} must hold only 0/1 (or booleans); found other values such as {seen}")
+    return array.astype(bool)
+
+
+__all__ += ["as_bool_array", "as_float_array"]
