@@ -16,20 +16,25 @@ Conventions: a *similarity* is higher for closer points, a *distance* lower.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_embeddings, check_matching_dim
+from ._checks import check_choice, check_embeddings, check_int, check_matching_dim
 
 __all__ = [
+    "BLOCK_BYTES",
     "METRICS",
     "Metric",
+    "chunked_topk",
     "l2_normalize",
     "pairwise_distance",
     "pairwise_similarity",
+    "rows_per_block",
+    "similarity_blocks",
     "working_dtype",
 ]
 
@@ -155,3 +160,133 @@ def pairwise_distance(
         # Double-where keeps the gradient of sqrt finite (zero) at zero distance.
         safe = torch.where(is_zero, torch.ones_like(squared), squared)
         return torch.where(is_zero, torch.zeros_like(squared), safe.sqrt())
+
+
+# --- Chunked iteration: bounded memory for any number of rows -----------------------------------
+
+#: Default memory budget, in bytes, for one block of scores in the chunked routines below.
+BLOCK_BYTES = 2**27
+
+
+def rows_per_block(num_columns: int, *, bytes_per_entry: int = 4, budget: int = BLOCK_BYTES) -> int:
+    """How many query rows fit in one ``(rows, num_columns)`` block within ``budget`` bytes.
+
+    Parameters
+    ----------
+    num_columns : int
+        Columns of the block (the number of reference embeddings).
+    bytes_per_entry : int
+        Bytes held per block entry, temporaries included.
+    budget : int
+        Memory budget in bytes.
+
+    Returns
+    -------
+    int
+        At least 1: one row of ``num_columns`` entries is the smallest block there is.
+    """
+    return max(1, budget // max(1, bytes_per_entry * num_columns))
+
+
+def similarity_blocks(
+    x: Tensor,
+    y: Tensor | None = None,
+    *,
+    metric: Metric = "cosine",
+    chunk_size: int | None = None,
+) -> Iterator[tuple[int, Tensor]]:
+    """Yield ``pairwise_similarity(x, y)`` one block of rows at a time.
+
+    The references ``y`` are converted (and, for cosine, normalised) once; each block
+    holds ``chunk_size`` rows of ``x`` against all of ``y``, so memory stays at about
+    ``chunk_size * m`` scores whatever ``n`` is.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d)
+        Query embeddings.
+    y : Tensor of shape (m, d), optional
+        Reference embeddings; ``x`` itself when omitted.
+    metric : {"cosine", "dot", "euclidean", "squared_euclidean"}
+        As in :func:`pairwise_similarity` (higher = closer).
+    chunk_size : int, optional
+        Rows per block; by default as many as fit in :data:`BLOCK_BYTES` (at least 1).
+
+    Yields
+    ------
+    start : int
+        Index of the block's first row in ``x``.
+    block : Tensor of shape (rows, m)
+        Equal to ``pairwise_similarity(x[start:start + rows], y, metric=metric)``.
+    """
+    check_choice(metric, "metric", METRICS)
+    x, y, _ = _prepare(x, y)
+    if chunk_size is None:
+        chunk_size = rows_per_block(y.shape[0])
+    check_int(chunk_size, "chunk_size", low=1)
+    block_metric: Metric = metric
+    if metric == "cosine":
+        with _full_precision(y.device):
+            y = l2_normalize(y)
+        block_metric = "dot"
+    for start in range(0, x.shape[0], chunk_size):
+        rows = x[start : start + chunk_size]
+        if metric == "cosine":
+            with _full_precision(rows.device):
+                rows = l2_normalize(rows)
+        yield start, pairwise_similarity(rows, y, metric=block_metric)
+
+
+def chunked_topk(
+    x: Tensor,
+    y: Tensor | None = None,
+    k: int = 1,
+    *,
+    metric: Metric = "cosine",
+    exclude_self: bool = False,
+    chunk_size: int | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` most similar rows of ``y`` for every row of ``x``, block by block.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d)
+        Query embeddings.
+    y : Tensor of shape (m, d), optional
+        Reference embeddings; ``x`` itself when omitted.
+    k : int
+        Neighbours per query, ``1 <= k <= m`` (``m - 1`` with ``exclude_self``).
+    metric : {"cosine", "dot", "euclidean", "squared_euclidean"}
+        As in :func:`pairwise_similarity`; scores are similarities (higher = closer).
+    exclude_self : bool
+        Row ``i`` of ``x`` is row ``i`` of ``y`` (``n == m``): never return it as its own
+        neighbour. It is removed by index, so a duplicate of the query is still found.
+    chunk_size : int, optional
+        Query rows per block (see :func:`similarity_blocks`).
+    callback : callable, optional
+        Called with the number of rows finished after each block (for progress bars).
+
+    Returns
+    -------
+    scores : Tensor of shape (n, k)
+        Similarities, best first, in the working dtype.
+    indices : Tensor of shape (n, k) and dtype int64
+        Row indices into ``y``.
+    """
+    check_embeddings(x, "x", check_finite=False)
+    m = x.shape[0] if y is None else y.shape[0]
+    if exclude_self and m != x.shape[0]:
+        raise ValueError(f"exclude_self=True needs x and y to be the same set; got {x.shape[0]} and {m} rows")
+    check_int(k, "k", low=1, high=m - int(exclude_self))
+    all_scores, all_indices = [], []
+    for start, block in similarity_blocks(x, y, metric=metric, chunk_size=chunk_size):
+        if exclude_self:
+            rows = torch.arange(block.shape[0], device=block.device)
+            block[rows, rows + start] = -torch.inf
+        scores, indices = torch.topk(block, k, dim=1, largest=True, sorted=True)
+        all_scores.append(scores)
+        all_indices.append(indices)
+        if callback is not None:
+            callback(block.shape[0])
+    return torch.cat(all_scores), torch.cat(all_indices)

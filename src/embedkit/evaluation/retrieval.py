@@ -1,0 +1,363 @@
+r"""Retrieval metrics with the definitions of Musgrave et al., "A Metric Learning Reality Check".
+
+For every query, the *relevant* references are those with the query's label (the query
+itself excluded when the queries are their own reference set), and ``R`` is how many
+there are. With the references ranked by similarity to the query:
+
+* **precision@1** — the top reference is relevant;
+* **R-precision** — relevant references among the first ``R``, divided by ``R``;
+* **MAP@R** — :math:`\frac{1}{R}\sum_{i=1}^{R} P(i)\,\mathrm{rel}(i)`, where ``P(i)`` is
+  the precision of the first ``i`` results and ``rel(i)`` is 1 when result ``i`` is relevant;
+* **recall@k** — at least one relevant reference in the top ``k`` (the metric-learning
+  recall, equal to CMC at rank ``k``; not the information-retrieval recall);
+* **precision@k** — relevant references in the top ``k``, divided by ``k`` (always ``k``,
+  even when ``R < k``);
+* **mAP** — average precision over the *full* ranking,
+  :math:`\frac{1}{R}\sum_{j} \frac{\#\{\text{relevant ranked at or above } j\}}{\mathrm{rank}(j)}`
+  over the ``R`` relevant references ``j``. Ties are counted pessimistically: a reference
+  with exactly the same score as a relevant one is ranked before it. This equals
+  ``sklearn.metrics.average_precision_score`` per query, and pytorch-metric-learning's
+  ``mean_average_precision`` with ``k=None`` when there are no ties.
+
+Queries whose class has no other sample in the reference set (``R = 0``) are excluded
+from every average, counted in ``report.counts["queries_without_relevant"]`` and named in
+a note — never dropped silently.
+
+Cost. The first six metrics need one k-NN search of depth ``max(max R, max ks)``:
+``n_queries × depth`` results are held, never an ``n_queries × n_reference`` matrix. mAP
+needs the rank of *every* relevant reference, wherever it falls in the ranking, so it takes
+a second, chunked pass that scores every (query, reference) pair and places each score among
+the query's ``R`` relevant scores: ``O(n_queries · n_reference · (d + log R))`` time, a few
+times the search itself, and memory for one block of scores. ``compute_map=False`` skips it
+(``"map"`` is then absent from the report).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.special import gammaln
+from torch import Tensor
+
+from .._checks import check_choice, check_matching_dim
+from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
+from ._inputs import as_embeddings, as_labels, check_ks, progress_bar, to_numpy
+from .knn import Backend, knn
+from .report import Rate, Report
+
+__all__ = ["average_precision_full", "hit_chance", "retrieval_metrics"]
+
+# Query rows per block when turning neighbour labels into metrics (bounds temporaries).
+_METRIC_ROWS = 16384
+
+
+def retrieval_metrics(
+    queries: Any,
+    query_labels: Any,
+    reference: Any = None,
+    reference_labels: Any = None,
+    *,
+    ks: Any = (1, 5, 10),
+    metric: Metric = "cosine",
+    backend: Backend = "auto",
+    compute_map: bool = True,
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> Report:
+    """Precision@1, R-precision, MAP@R, recall@k, precision@k and mAP of a retrieval.
+
+    Parameters
+    ----------
+    queries : ndarray or Tensor of shape (n_queries, d)
+        Query embeddings, on any device.
+    query_labels : ndarray, Tensor or sequence of int, of shape (n_queries,)
+        Integer class labels of any size (kept as int64, never cast to float).
+    reference : ndarray or Tensor of shape (n_reference, d), optional
+        The set searched. ``None`` evaluates ``queries`` against themselves, each query
+        excluded from its own results. Passing the very same object as ``queries`` is an
+        error (every query would find itself first); use ``None`` for that.
+    reference_labels : ndarray, Tensor or sequence of int, of shape (n_reference,)
+        Required with ``reference``, not allowed without.
+    ks : sequence of int
+        Cut-offs for ``"recall@k"`` and ``"precision@k"``.
+    metric : {"cosine", "dot", "euclidean", "squared_euclidean"}
+        Similarity used for the ranking.
+    backend : {"auto", "faiss", "faiss-ivf", "faiss-hnsw", "torch"}
+        k-NN back-end (see :func:`embedkit.evaluation.knn.knn`). The mAP pass always runs
+        on torch, on the queries' device.
+    compute_map : bool
+        Compute ``"map"`` over the full ranking (an extra pass; see the module notes).
+    chunk_size : int, optional
+        Query rows per block of scores on the torch paths.
+    progress : bool
+        Show progress bars for the search and the mAP pass.
+
+    Returns
+    -------
+    Report
+        Keys ``"precision@1"``, ``"r_precision"``, ``"map@r"``, ``"recall@k"`` and
+        ``"precision@k"`` for each ``k`` in ``ks``, and ``"map"``. ``precision@1``,
+        ``recall@k`` and ``precision@k`` are :class:`~embedkit.evaluation.report.Rate`
+        with counts and chance level; ``report.curves["cmc"]`` holds recall at every rank
+        up to the search depth. Chance levels are those of a uniformly random ranking:
+        ``R / n`` per query for precision@1 and precision@k (``n`` references available to
+        the query), the exact hypergeometric ``1 - C(n-R, k) / C(n, k)`` for recall@k,
+        each averaged over the evaluated queries; the chance R-precision (also the mean
+        ``R / n``) is given in a note.
+
+    Raises
+    ------
+    ValueError
+        For inconsistent shapes, labels or arguments, or when no query has a relevant
+        reference at all.
+    """
+    q = as_embeddings(queries, "queries")
+    q_labels = as_labels(query_labels, q.shape[0], "query_labels", rows_name="queries")
+    self_mode = reference is None
+    if self_mode:
+        if reference_labels is not None:
+            raise ValueError("reference_labels were given without reference; pass both or neither")
+        ref, r_labels = q, q_labels
+    else:
+        if reference is queries:
+            raise ValueError(
+                "reference is the same object as queries, so every query would retrieve itself first; "
+                "pass reference=None to evaluate a set against itself with each query excluded"
+            )
+        if reference_labels is None:
+            raise ValueError("reference was given without reference_labels; pass both")
+        ref = as_embeddings(reference, "reference")
+        check_matching_dim(q, ref, "queries", "reference")
+        r_labels = as_labels(reference_labels, ref.shape[0], "reference_labels", rows_name="reference")
+    ks = check_ks(ks)
+    check_choice(metric, "metric", METRICS)
+
+    # Compact class ids: vectorised counting without Python loops over labels.
+    classes, inverse = np.unique(np.concatenate([q_labels, r_labels]), return_inverse=True)
+    q_ids, r_ids = inverse[: q.shape[0]], inverse[q.shape[0] :]
+    class_sizes = np.bincount(r_ids, minlength=classes.size)
+    relevant = class_sizes[q_ids] - int(self_mode)
+    available = ref.shape[0] - int(self_mode)
+    evaluated = np.flatnonzero(relevant > 0)
+    if evaluated.size == 0:
+        raise ValueError(
+            f"none of the {q.shape[0]} queries has a relevant reference (a reference with the same label"
+            f"{', other than itself' if self_mode else ''}); retrieval metrics are undefined"
+        )
+    depth = min(available, max(int(relevant.max()), ks[-1]))
+
+    _, indices = knn(
+        q,
+        None if self_mode else ref,
+        depth,
+        metric=metric,
+        backend=backend,
+        exclude_self=self_mode,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
+    indices = to_numpy(indices)
+
+    n_eval = evaluated.size
+    r_eval = relevant[evaluated]
+    sums = _neighbour_sums(indices, evaluated, q_ids, r_ids, r_eval, ks, depth)
+    first_hit = sums["first_hit_at"]  # 0-based position of the first relevant result; depth if none
+    cmc_hits = np.bincount(np.minimum(first_hit, depth), minlength=depth + 1)[:depth].cumsum()
+    p_random = r_eval / available  # chance that one random reference is relevant
+    metrics: dict[str, float | Rate] = {
+        "precision@1": Rate(int(cmc_hits[0]), n_eval, float(p_random.mean())),
+        "r_precision": float(sums["r_precision"] / n_eval),
+        "map@r": float(sums["map_at_r"] / n_eval),
+    }
+    for k in ks:
+        chance = float(hit_chance(r_eval, available, k).mean())
+        metrics[f"recall@{k}"] = Rate(int(cmc_hits[min(k, depth) - 1]), n_eval, chance)
+    for k in ks:
+        metrics[f"precision@{k}"] = Rate(int(sums[f"hits@{k}"]), k * n_eval, float(p_random.mean()))
+    notes = []
+    if ks[-1] > available:
+        notes.append(
+            f"only {available} references are available per query, fewer than k={ks[-1]}: precision@k still "
+            "divides by k, so it cannot reach 1"
+        )
+    counts = {
+        "queries": int(q.shape[0]),
+        "references": int(ref.shape[0]),
+        "evaluated_queries": int(n_eval),
+        "queries_without_relevant": int(q.shape[0] - n_eval),
+        "classes": int(np.unique(q_ids).size),
+        "search_depth": int(depth),
+    }
+    if compute_map:
+        ap = average_precision_full(
+            q[torch.from_numpy(evaluated).to(q.device)],
+            q_ids[evaluated],
+            ref,
+            r_ids,
+            self_index=evaluated if self_mode else None,
+            metric=metric,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+        metrics["map"] = float(ap.mean())
+    if counts["queries_without_relevant"]:
+        lone = np.unique(q_labels[relevant <= 0])
+        shown = ", ".join(str(v) for v in lone[:5]) + (", ..." if lone.size > 5 else "")
+        notes.append(
+            f"{counts['queries_without_relevant']} of {q.shape[0]} queries have no relevant reference "
+            f"(labels {shown}) and are excluded from every average"
+        )
+    mode = (
+        "each query excluded from its own results"
+        if self_mode
+        else "queries and references are separate sets"
+    )
+    notes.append(
+        f"chance level of r_precision (random ranking) = mean R/n = {float(p_random.mean()):.4g}; {mode}"
+    )
+    return Report(
+        title="retrieval", metrics=metrics, counts=counts, notes=notes, curves={"cmc": cmc_hits / n_eval}
+    )
+
+
+def _neighbour_sums(
+    indices: np.ndarray,
+    evaluated: np.ndarray,
+    q_ids: np.ndarray,
+    r_ids: np.ndarray,
+    r_eval: np.ndarray,
+    ks: tuple[int, ...],
+    depth: int,
+) -> dict[str, Any]:
+    """Sums over the evaluated queries of the neighbour-based metrics, block by block."""
+    totals: dict[str, Any] = {"r_precision": 0.0, "map_at_r": 0.0, **{f"hits@{k}": 0 for k in ks}}
+    first_hits = []
+    positions = np.arange(1, depth + 1)
+    for start in range(0, evaluated.size, _METRIC_ROWS):
+        rows = evaluated[start : start + _METRIC_ROWS]
+        r = r_eval[start : start + _METRIC_ROWS]
+        hits = r_ids[indices[rows]] == q_ids[rows, None]  # (rows, depth)
+        for k in ks:
+            totals[f"hits@{k}"] += int(hits[:, :k].sum())
+        any_hit = hits.any(axis=1)
+        first_hits.append(np.where(any_hit, hits.argmax(axis=1), depth))
+        within_r = hits & (positions[None, :] <= r[:, None])
+        cumulative = within_r.cumsum(axis=1)
+        totals["r_precision"] += float((cumulative[:, -1] / r).sum())
+        totals["map_at_r"] += float((((cumulative / positions) * within_r).sum(axis=1) / r).sum())
+    totals["first_hit_at"] = np.concatenate(first_hits)
+    return totals
+
+
+def hit_chance(relevant: np.ndarray, available: int, k: int) -> np.ndarray:
+    """Probability that a random ranking puts a relevant item in the top ``k``.
+
+    The exact hypergeometric ``1 - C(n - R, k) / C(n, k)`` for ``n = available`` items of
+    which ``R = relevant`` are relevant.
+
+    Parameters
+    ----------
+    relevant : ndarray of shape (n_queries,)
+        ``R`` per query.
+    available : int
+        ``n``: the references each query is ranked against.
+    k : int
+        The cut-off (capped at ``n``).
+
+    Returns
+    -------
+    ndarray of shape (n_queries,)
+    """
+    n = float(available)
+    k = min(k, available)
+    misses = n - relevant.astype(np.float64)
+    possible = misses >= k
+    safe = np.where(possible, misses, k)
+    log_none = gammaln(safe + 1) - gammaln(safe - k + 1) - gammaln(n + 1) + gammaln(n - k + 1)
+    return np.where(possible, 1.0 - np.exp(log_none), 1.0)
+
+
+def average_precision_full(
+    queries: Tensor,
+    query_ids: np.ndarray,
+    reference: Tensor,
+    reference_ids: np.ndarray,
+    *,
+    self_index: np.ndarray | None = None,
+    metric: Metric = "cosine",
+    chunk_size: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Average precision over the full ranking for each query, without an N×N matrix.
+
+    Block by block, every reference is scored against the query; the query's relevant
+    scores are read from the same block (so a relevant reference always counts itself),
+    sorted, and every score of the block is placed among them with ``searchsorted``. The
+    number of references scoring at least a relevant score is its (pessimistic) rank.
+
+    Parameters
+    ----------
+    queries : Tensor of shape (n_queries, d)
+    query_ids : ndarray of shape (n_queries,) and dtype int64
+        Compact class ids (``0..n_classes-1``) of the queries.
+    reference : Tensor of shape (n_reference, d)
+    reference_ids : ndarray of shape (n_reference,)
+        Compact class ids of the references, in the same numbering.
+    self_index : ndarray of shape (n_queries,), optional
+        Row of ``reference`` that *is* each query, excluded from its ranking.
+    metric : {"cosine", "dot", "euclidean", "squared_euclidean"}
+    chunk_size : int, optional
+        Query rows per block (default: a 128 MiB budget for the block and its temporaries).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    ndarray of shape (n_queries,) and dtype float64
+        The average precision of each query; every query needs at least one relevant
+        reference.
+    """
+    device = queries.device
+    n_ref = reference.shape[0]
+    order = np.argsort(reference_ids, kind="stable")
+    sizes = np.bincount(reference_ids, minlength=int(max(query_ids.max(), reference_ids.max())) + 1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    order_t = torch.from_numpy(order).to(device)
+    if chunk_size is None:
+        chunk_size = rows_per_block(n_ref, bytes_per_entry=24)
+    out = np.empty(queries.shape[0], dtype=np.float64)
+    with progress_bar(queries.shape[0], "mAP over the full ranking", progress) as update:
+        for start, block in similarity_blocks(queries, reference, metric=metric, chunk_size=chunk_size):
+            c = block.shape[0]
+            cls = query_ids[start : start + c]
+            size = sizes[cls]
+            width = int(size.max())
+            offsets = np.arange(width)
+            in_class = offsets[None, :] < size[:, None]
+            slot = np.minimum(starts[cls][:, None] + offsets[None, :], n_ref - 1)
+            rel_index = order_t[torch.from_numpy(slot).to(device)]  # (c, width)
+            valid = torch.from_numpy(in_class).to(device)
+            if self_index is not None:
+                own = torch.from_numpy(self_index[start : start + c]).to(device)
+                block[torch.arange(c, device=device), own] = -torch.inf
+                valid &= rel_index != own[:, None]
+            rel_scores = torch.gather(block, 1, rel_index).masked_fill(~valid, torch.inf)
+            rel_sorted = rel_scores.sort(dim=1).values  # ascending; padding (+inf) last
+            # position[i, j] = how many relevant scores are <= block[i, j]
+            position = torch.searchsorted(rel_sorted, block, right=True)
+            flat = (position + torch.arange(c, device=device)[:, None] * (width + 1)).reshape(-1)
+            histogram = torch.bincount(flat, minlength=c * (width + 1)).reshape(c, width + 1)
+            # references scoring >= the j-th smallest relevant score (self sits at -inf: never)
+            at_or_above = n_ref - histogram.cumsum(dim=1)[:, :width]
+            r = valid.sum(dim=1, keepdim=True)
+            below = torch.searchsorted(rel_sorted, rel_sorted, right=False)
+            relevant_at_or_above = r - below
+            is_real = torch.arange(width, device=device)[None, :] < r
+            precision = relevant_at_or_above.double() / at_or_above.clamp_min(1).double()
+            ap = (precision * is_real).sum(dim=1) / r.squeeze(1).double()
+            out[start : start + c] = to_numpy(ap)
+            if update is not None:
+                update(c)
+    return out
