@@ -393,3 +393,26 @@ def test_plan_properties_hold_for_random_label_distributions(
     merged = np.empty((2 * a.shape[0], p * k), dtype=np.int64)
     merged[0::2], merged[1::2] = a, b
     np.testing.assert_array_equal(merged[: batches.shape[0]], batches)
+
+
+def class_pair_counts(class_rows: np.ndarray, num_classes: int) -> np.ndarray:
+    rows = np.sort(class_rows, axis=1)
+    i, j = np.triu_indices(rows.shape[1], 1)
+    _, counts = np.unique((rows[:, i] * num_classes + rows[:, j]).ravel(), return_counts=True)
+    return counts
+
+
+def test_classes_meet_as_often_as_in_independent_random_batches() -> None:
+    # A structured arrangement can put the same two classes together in many batches
+    # of an epoch (fewer distinct negatives); the plan must look like random batches.
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 200, size=20_000)
+    sampler = PKSampler(labels, 16, 4, seed=0)
+    plan = sampler.global_plan()
+    ours = class_pair_counts(labels[plan[:, ::4]], 200)
+    weights = np.bincount(labels) / labels.size
+    baseline = class_pair_counts(
+        np.stack([rng.choice(200, size=16, replace=False, p=weights) for _ in range(plan.shape[0])]), 200
+    )
+    assert ours.max() <= baseline.max() + 3
+    assert ours.size >= 0.95 * baseline.size  # as many distinct pairs

@@ -475,7 +475,12 @@ class PKSampler(Sampler[list[int]]):
         for j in boundary + 1:
             taken = np.zeros(num_batches, dtype=bool)
             taken[rows[j - 1][column_class[j - 1] == column_class[j, 0]]] = True
-            rows[j] = np.concatenate([rows[j][~taken[rows[j]]], rows[j][taken[rows[j]]]])
+            head = int(np.count_nonzero(column_class[j] == column_class[j, 0]))
+            free = rows[j][~taken[rows[j]]]
+            rest = np.concatenate([free[head:], rows[j][taken[rows[j]]]])
+            # The head gets random free rows; the rest of the column is reshuffled so that
+            # the rows freed here do not all go to the class at the end of the column.
+            rows[j] = np.concatenate([free[:head], rest[rng.permutation(rest.size)]])
         grid = np.empty((num_batches, p), dtype=np.int64)
         grid[rows, np.arange(p)[:, None]] = columns
 

@@ -1,0 +1,132 @@
+"""PKSampler against pytorch-metric-learning's MPerClassSampler, in one run.
+
+For 1e5 and 1e6 labels spread over 1e4 classes (uniformly at random), with p=32
+classes × k=4 samples per batch, it times
+
+* construct — the sampler's constructor;
+* build     — making one epoch's indices (``PKSampler.global_plan()``; for
+  MPerClassSampler, ``iter()``, which fills its whole index list up front);
+* epoch     — build plus handing out every batch as a list of ``p * k`` ints, the way
+  ``DataLoader`` consumes them (MPerClassSampler through ``torch``'s ``BatchSampler``).
+
+Fair length: MPerClassSampler's epoch is fixed by ``length_before_new_iter``
+(100,000 indices by default, whatever the dataset). It is set here to the number of
+indices in PKSampler's epoch (``len(sampler) * p * k``), so both hand out the same
+number of samples per epoch, and ``batch_size=p*k`` so its batches also hold ``p``
+distinct classes of ``k``.
+
+Timings are the best of ``--repeats`` runs (at least 5 for PKSampler; the slow
+MPerClassSampler run at 1e6 labels runs once). Run ``python benchmarks/bench_samplers.py``
+(about a minute on 2 cores) or ``--quick`` (1e5 labels only, a few seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler
+
+from embedkit.samplers import PKSampler
+
+try:
+    from pytorch_metric_learning.samplers import MPerClassSampler
+except ImportError:  # pragma: no cover - the reference is a dev dependency
+    MPerClassSampler = None
+
+
+def best_of(repeats: int, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    results = [run() for _ in range(repeats)]
+    return {key: min(r[key] for r in results) for key in results[0]}
+
+
+def time_embedkit(labels: np.ndarray, p: int, k: int, epoch: int) -> dict[str, float]:
+    start = time.perf_counter()
+    sampler = PKSampler(labels, p, k, seed=0)
+    construct = time.perf_counter() - start
+    sampler.set_epoch(epoch)
+    start = time.perf_counter()
+    sampler.global_plan()
+    build = time.perf_counter() - start
+    sampler.set_epoch(epoch + 1)  # a fresh epoch: the plan is rebuilt inside iter()
+    start = time.perf_counter()
+    count = sum(1 for _ in sampler)
+    epoch_time = time.perf_counter() - start
+    assert count == len(sampler)
+    return {"construct": construct, "build": build, "epoch": epoch_time, "samples": count * p * k}
+
+
+def time_pml(labels: np.ndarray, p: int, k: int, length: int) -> dict[str, float]:
+    np.random.seed(0)  # noqa: NPY002 - MPerClassSampler draws from the global numpy RNG
+    start = time.perf_counter()
+    sampler = MPerClassSampler(labels, m=k, batch_size=p * k, length_before_new_iter=length)
+    construct = time.perf_counter() - start
+    start = time.perf_counter()
+    iter(sampler)
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    count = sum(1 for _ in BatchSampler(sampler, batch_size=p * k, drop_last=False))
+    epoch_time = time.perf_counter() - start
+    return {"construct": construct, "build": build, "epoch": epoch_time, "samples": count * p * k}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1e5 labels only, one repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs (default 3)")
+    parser.add_argument("--classes", type=int, default=10_000)
+    parser.add_argument("-p", type=int, default=32)
+    parser.add_argument("-k", type=int, default=4)
+    args = parser.parse_args()
+    sizes = [100_000] if args.quick else [100_000, 1_000_000]
+    repeats = 1 if args.quick else args.repeats
+
+    print(
+        f"# PKSampler vs MPerClassSampler: p={args.p}, k={args.k}, {args.classes} classes; "
+        f"numpy {np.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    header = (
+        f"{'labels':>9} {'sampler':<16} {'samples/epoch':>13} {'construct s':>11} {'build s':>9} "
+        f"{'epoch s':>9} {'total s':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for n in sizes:
+        labels = np.random.default_rng(n).integers(0, args.classes, size=n)
+        # embedkit's runs are cheap: take the best of a few more to steady the numbers.
+        ours = best_of(max(repeats, 5), lambda labels=labels: time_embedkit(labels, args.p, args.k, epoch=1))
+        rows = [("embedkit PK", ours)]
+        if MPerClassSampler is not None:
+            pml_repeats = 1 if n >= 1_000_000 else repeats
+            length = int(ours["samples"])
+            pml = best_of(
+                pml_repeats, lambda labels=labels, length=length: time_pml(labels, args.p, args.k, length)
+            )
+            rows.append(("PML MPerClass", pml))
+        for name, r in rows:
+            total = r["construct"] + r["epoch"]
+            print(
+                f"{n:>9,} {name:<16} {int(r['samples']):>13,} {r['construct']:>11.3f} {r['build']:>9.3f} "
+                f"{r['epoch']:>9.3f} {total:>9.3f}"
+            )
+        if len(rows) == 2:
+            pml = rows[1][1]
+            ratio = {key: pml[key] / ours[key] for key in ("construct", "build", "epoch")}
+            total_ratio = (pml["construct"] + pml["epoch"]) / (ours["construct"] + ours["epoch"])
+            print(
+                f"{n:>9,} {'ratio PML/ours':<16} {'':>13} {ratio['construct']:>10.1f}x "
+                f"{ratio['build']:>8.1f}x {ratio['epoch']:>8.1f}x {total_ratio:>8.1f}x"
+            )
+    if MPerClassSampler is None:
+        print("pytorch-metric-learning is not installed: no reference timings")
+
+
+if __name__ == "__main__":
+    main()
