@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -416,3 +418,38 @@ def test_classes_meet_as_often_as_in_independent_random_batches() -> None:
     )
     assert ours.max() <= baseline.max() + 3
     assert ours.size >= 0.95 * baseline.size  # as many distinct pairs
+
+
+def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        sampler = PKSampler(long_tailed(), 4, 2, seed=9)  # num_replicas and rank from torch.distributed
+        sampler.set_epoch(3)
+        np.save(f"{out_dir}/rank{rank}.npy", np.array(list(sampler)))
+        np.save(f"{out_dir}/meta{rank}.npy", np.array([sampler.num_replicas, sampler.rank]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
+def test_two_real_gloo_processes_get_disjoint_equal_shards(tmp_path: Path) -> None:
+    # fork: the children reuse the imported torch instead of importing it again (seconds each).
+    torch.multiprocessing.start_processes(
+        _distributed_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
+    single = PKSampler(long_tailed(), 4, 2, seed=9)
+    single.set_epoch(3)
+    own = single.global_plan()
+    shards = [np.load(tmp_path / f"rank{r}.npy") for r in range(2)]
+    for rank in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"meta{rank}.npy"), [2, rank])
+    assert shards[0].shape == shards[1].shape
+    merged = np.empty((2 * shards[0].shape[0], shards[0].shape[1]), dtype=np.int64)
+    merged[0::2], merged[1::2] = shards
+    np.testing.assert_array_equal(merged[: own.shape[0]], own)
