@@ -268,7 +268,8 @@ class Gallery:
         Report
             The report of :func:`~embedkit.evaluation.verification.verification_metrics`
             (``"auc"``, ``"eer"``, ``"tar@far=..."``, ``"best_accuracy"``, ...), with the
-            probe and gallery sizes added to its counts.
+            probe and gallery sizes added to its counts and the raw scores added to its curves
+            (``"genuine_scores"``, ``"impostor_scores"``) for histograms.
         """
         return self.evaluate(
             probes, labels, far_targets=far_targets, image_ids=image_ids, progress=progress, verification=True
@@ -361,13 +362,18 @@ class Gallery:
 
             assert scan.pair_scores is not None
             genuine = self._entry_identity[None, :] == probe_identity[:, None]
-            base = verification_metrics(scan.pair_scores.ravel(), genuine.ravel(), far_targets=far_targets)
+            scores, genuine = scan.pair_scores.ravel(), genuine.ravel()
+            base = verification_metrics(scores, genuine, far_targets=far_targets)
             reports["verification"] = Report(
                 title=f"verification (probe vs gallery {'template' if self.template == 'mean' else 'image'})",
                 metrics=base.metrics,
                 counts={**base.counts, **counts},
                 notes=[*base.notes, *notes],
-                curves=base.curves,
+                curves={
+                    **base.curves,
+                    "genuine_scores": scores[genuine],
+                    "impostor_scores": scores[~genuine],
+                },
             )
         return reports
 

@@ -1,0 +1,203 @@
+"""The ``embedkit`` command line.
+
+``embedkit evaluate --gallery G.npz --probe P.npz [--out DIR]`` enrols the gallery, then
+reports closed-set identification (rank-k, CMC), open-set identification (DIR@FPIR, when
+some probes belong to identities that are not enrolled), probe-vs-gallery verification
+(ROC, TAR@FAR, EER) and retrieval metrics (precision@1, R-precision, MAP@R, mAP). It prints
+the tables, and with ``--out`` writes ``report.json``, ``report.md`` and figures.
+
+Inputs are ``.npz`` files holding ``embeddings`` (n, d) and ``labels`` (n,) arrays, and
+optionally ``image_ids`` (n,) — or ``.npy`` files of embeddings with the labels in a
+second ``.npy`` (``--gallery-labels``, ``--probe-labels``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .evaluation.gallery import Gallery
+from .evaluation.report import Report
+from .evaluation.retrieval import retrieval_metrics
+from .similarity import METRICS
+
+__all__ = ["load_embeddings", "main"]
+
+
+def load_embeddings(path: str | Path, labels_path: str | Path | None = None) -> dict[str, np.ndarray]:
+    """Read embeddings, labels and optional image ids from ``.npz`` or ``.npy`` files.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.npz`` with arrays ``embeddings`` and ``labels`` (and optionally ``image_ids``),
+        or a ``.npy`` of embeddings.
+    labels_path : str or Path, optional
+        A ``.npy`` of labels; required with a ``.npy`` of embeddings, and overrides the
+        ``labels`` of a ``.npz``.
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``"embeddings"`` (n, d), ``"labels"`` (n,) and, when present, ``"image_ids"`` (n,).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a file")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        if "embeddings" not in arrays:
+            raise ValueError(f"{path} has arrays {sorted(arrays)}; expected one named 'embeddings'")
+    elif path.suffix == ".npy":
+        arrays = {"embeddings": np.load(path, allow_pickle=False)}
+    else:
+        raise ValueError(f"{path} should be a .npz or .npy file; got suffix {path.suffix!r}")
+    if labels_path is not None:
+        arrays["labels"] = np.load(labels_path, allow_pickle=False)
+    if "labels" not in arrays:
+        raise ValueError(
+            f"no labels for {path}: store an array named 'labels' in the .npz, or pass a labels .npy"
+        )
+    return {key: arrays[key] for key in ("embeddings", "labels", "image_ids") if key in arrays}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedkit", description="embedkit command-line tools")
+    commands = parser.add_subparsers(dest="command", required=True)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="gallery-probe evaluation of embeddings",
+        description="Identify and verify probe embeddings against an enrolled gallery.",
+    )
+    evaluate.add_argument("--gallery", required=True, help=".npz (embeddings, labels[, image_ids]) or .npy")
+    evaluate.add_argument("--probe", required=True, help=".npz (embeddings, labels[, image_ids]) or .npy")
+    evaluate.add_argument("--gallery-labels", help=".npy of gallery labels (for a .npy gallery)")
+    evaluate.add_argument("--probe-labels", help=".npy of probe labels (for a .npy probe set)")
+    evaluate.add_argument("--out", help="folder for report.json, report.md and figures")
+    evaluate.add_argument("--metric", default="cosine", choices=METRICS)
+    evaluate.add_argument("--template", default="none", choices=("none", "mean"))
+    evaluate.add_argument("--ranks", type=int, nargs="+", default=[1, 5, 10], metavar="K")
+    evaluate.add_argument("--fpir", type=float, nargs="+", default=[0.001, 0.01, 0.1], metavar="F")
+    evaluate.add_argument("--far", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2], metavar="F")
+    evaluate.add_argument("--no-verification", action="store_true", help="skip probe-vs-gallery verification")
+    evaluate.add_argument("--no-retrieval", action="store_true", help="skip retrieval metrics")
+    evaluate.add_argument("--no-map", action="store_true", help="skip full-ranking mAP (an extra pass)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluate.add_argument("--no-figures", action="store_true", help="write no figures")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 2 on bad input)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _evaluate(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"embedkit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    gallery_data = load_embeddings(args.gallery, args.gallery_labels)
+    probe_data = load_embeddings(args.probe, args.probe_labels)
+    progress = not args.no_progress
+    start = time.perf_counter()
+    gallery = Gallery(metric=args.metric).enrol(
+        gallery_data["embeddings"],
+        gallery_data["labels"],
+        template=args.template,
+        image_ids=gallery_data.get("image_ids"),
+    )
+    reports = gallery.evaluate(
+        probe_data["embeddings"],
+        probe_data["labels"],
+        ranks=args.ranks,
+        fpir_targets=args.fpir,
+        far_targets=args.far,
+        image_ids=probe_data.get("image_ids"),
+        verification=not args.no_verification,
+        progress=progress,
+    )
+    if not args.no_retrieval:
+        reports["retrieval"] = retrieval_metrics(
+            probe_data["embeddings"],
+            probe_data["labels"],
+            gallery_data["embeddings"],
+            gallery_data["labels"],
+            ks=args.ranks,
+            metric=args.metric,
+            compute_map=not args.no_map,
+            progress=progress,
+        )
+    elapsed = time.perf_counter() - start
+    for report in reports.values():
+        print(report)
+        print()
+    print(
+        f"evaluated {len(probe_data['labels'])} probes against {gallery.num_entries} gallery entries "
+        f"in {elapsed:.1f} s"
+    )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {name: report.to_dict() for name, report in reports.items()}
+        summary["run"] = {
+            "gallery": str(args.gallery),
+            "probe": str(args.probe),
+            "metric": args.metric,
+            "template": args.template,
+            "seconds": elapsed,
+        }
+        (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        (out / "report.md").write_text("\n".join(r.to_markdown() for r in reports.values()), encoding="utf-8")
+        written = [] if args.no_figures else _figures(reports, out)
+        print(f"wrote {out / 'report.json'}, {out / 'report.md'}" + "".join(f", {p}" for p in written))
+    return 0
+
+
+def _figures(reports: dict[str, Report], out: Path) -> list[Path]:
+    """Save the figures :mod:`embedkit.plotting` can draw; skip them without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("figures skipped: matplotlib is not installed (pip install 'embedkit[plot]')", file=sys.stderr)
+        return []
+    try:
+        plotting = importlib.import_module("embedkit.plotting")
+    except ImportError as error:
+        print(f"figures skipped: {error}", file=sys.stderr)
+        return []
+    wanted: list[tuple[str, str, str]] = [
+        ("plot_cmc", "identification", "cmc.png"),
+        ("plot_roc", "verification", "roc.png"),
+        ("plot_score_histograms", "verification", "scores.png"),
+    ]
+    written = []
+    for function_name, report_name, file_name in wanted:
+        function: Any = getattr(plotting, function_name, None)
+        if function is None or report_name not in reports:
+            continue
+        try:
+            figure, ax = plt.subplots(figsize=(5, 4))
+            function(reports[report_name], ax=ax)
+            figure.tight_layout()
+            figure.savefig(out / file_name, dpi=120)
+            plt.close(figure)
+        except Exception as error:  # a figure must never cost the user the report
+            print(f"figure {file_name} skipped: {type(error).__name__}: {error}", file=sys.stderr)
+            plt.close("all")
+            continue
+        written.append(out / file_name)
+    return written

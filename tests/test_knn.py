@@ -1,0 +1,156 @@
+"""k-NN search: every back-end against a brute-force sort, and against each other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from embedkit.evaluation import knn as knn_module
+from embedkit.evaluation.knn import knn, resolve_backend
+from embedkit.similarity import chunked_topk, pairwise_similarity
+
+METRICS = ["cosine", "dot", "euclidean", "squared_euclidean"]
+
+
+def brute_force(queries: np.ndarray, reference: np.ndarray, k: int, metric: str, exclude_self: bool):
+    """The obvious definition: score everything, mask self, sort descending."""
+    scores = pairwise_similarity(
+        torch.from_numpy(queries).double(), torch.from_numpy(reference).double(), metric=metric
+    ).numpy()
+    if exclude_self:
+        np.fill_diagonal(scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+@pytest.fixture
+def data() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((300, 12)).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_matches_brute_force(data: np.ndarray, metric: str, exclude_self: bool, backend: str) -> None:
+    reference = None if exclude_self else data[100:]
+    queries = data if exclude_self else data[:100]
+    scores, indices = knn(
+        queries, reference, 9, metric=metric, backend=backend, exclude_self=exclude_self, chunk_size=17
+    )
+    want_scores, want_indices = brute_force(
+        queries, data if exclude_self else data[100:], 9, metric, exclude_self
+    )
+    assert isinstance(scores, np.ndarray) and isinstance(indices, np.ndarray)
+    assert scores.shape == indices.shape == (queries.shape[0], 9)
+    assert indices.dtype == np.int64
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_faiss_and_torch_agree_on_larger_set() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 32)).astype(np.float32)
+    s_f, i_f = knn(x, None, 20, backend="faiss", exclude_self=True)
+    s_t, i_t = knn(x, None, 20, backend="torch", exclude_self=True)
+    # ties aside: where consecutive scores are distinct the neighbours must be identical
+    distinct = np.abs(np.diff(s_t, axis=1, append=-np.inf)) > 1e-5
+    distinct &= np.abs(np.diff(s_t, axis=1, prepend=np.inf)) > 1e-5
+    assert (i_f[distinct] == i_t[distinct]).mean() > 0.999
+    np.testing.assert_allclose(s_f, s_t, atol=1e-5)
+
+
+def test_exclude_self_drops_own_index_not_duplicates() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((20, 8)).astype(np.float32)
+    x = np.concatenate([base, base, base])  # every point three times
+    for backend in ("faiss", "torch"):
+        scores, indices = knn(x, None, 2, backend=backend, exclude_self=True)
+        own = np.arange(60)[:, None]
+        assert not (indices == own).any(), backend
+        # the two other copies are found first, with cosine 1
+        np.testing.assert_allclose(scores, 1.0, atol=1e-5)
+        assert ((indices % 20) == (own % 20)).all(), backend
+
+
+def test_exclude_self_with_many_ties_still_returns_k_others() -> None:
+    x = np.ones((10, 4), dtype=np.float32)  # all identical: the query's own index may not be returned
+    for backend in ("faiss", "torch"):
+        _, indices = knn(x, None, 9, backend=backend, exclude_self=True)
+        assert not (indices == np.arange(10)[:, None]).any()
+        assert all(len(set(row)) == 9 for row in indices.tolist())
+
+
+def test_torch_in_torch_out_and_input_untouched(data: np.ndarray) -> None:
+    copy = data.copy()
+    scores, indices = knn(torch.from_numpy(data), None, 3, backend="faiss", exclude_self=True)
+    assert isinstance(scores, torch.Tensor) and isinstance(indices, torch.Tensor)
+    assert indices.dtype == torch.int64
+    _, indices_t = knn(torch.from_numpy(data), None, 3, backend="torch", exclude_self=True)
+    assert torch.equal(indices, indices_t)
+    np.testing.assert_array_equal(data, copy)  # cosine normalisation never happens in place
+
+
+def test_half_precision_and_float64(data: np.ndarray) -> None:
+    _, want = knn(data, None, 5, backend="torch", exclude_self=True)
+    scores, got = knn(torch.from_numpy(data).double(), None, 5, backend="torch", exclude_self=True)
+    assert scores.dtype == torch.float64
+    assert (got.numpy() == want).mean() > 0.99
+    scores_h, _ = knn(torch.from_numpy(data).half(), None, 5, backend="torch", exclude_self=True)
+    assert scores_h.dtype == torch.float32
+
+
+def test_chunk_size_does_not_change_results(data: np.ndarray) -> None:
+    a = chunked_topk(torch.from_numpy(data), None, 7, exclude_self=True, chunk_size=1)
+    b = chunked_topk(torch.from_numpy(data), None, 7, exclude_self=True)
+    assert torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_approximate_indexes_recover_exact_neighbours(data: np.ndarray, metric: str) -> None:
+    _, exact = knn(data, None, 5, metric=metric, backend="faiss", exclude_self=True)
+    _, ivf = knn(data, None, 5, metric=metric, backend="faiss-ivf", nlist=8, nprobe=8, exclude_self=True)
+    np.testing.assert_array_equal(ivf, exact)  # every list probed: exhaustive
+    _, hnsw = knn(data, None, 5, metric=metric, backend="faiss-hnsw", ef_search=300, exclude_self=True)
+    assert (hnsw == exact).mean() > 0.95
+
+
+def test_approximate_index_that_finds_too_few_raises(data: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="fewer than"):
+        knn(data, None, 250, backend="faiss-ivf", nlist=64, nprobe=1)
+
+
+def test_auto_backend(monkeypatch: pytest.MonkeyPatch, data: np.ndarray) -> None:
+    t = torch.from_numpy(data)
+    assert resolve_backend("auto", t) == "faiss"
+    assert resolve_backend("torch", t) == "torch"
+    assert resolve_backend("auto", t.to("meta")) == "torch"
+    monkeypatch.setattr(knn_module, "faiss_available", lambda: False)
+    assert resolve_backend("auto", t) == "torch"
+    with pytest.raises(ImportError, match="faiss"):
+        resolve_backend("faiss", t)
+    _, indices = knn(data, None, 3, exclude_self=True)  # falls back to torch
+    assert indices.shape == (300, 3)
+
+
+def test_bad_inputs(data: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="k must lie in"):
+        knn(data, None, 300, exclude_self=True)
+    with pytest.raises(ValueError, match="k must lie in"):
+        knn(data, None, 0)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        knn(data, data[:, :5], 3)
+    with pytest.raises(ValueError, match="same number of rows"):
+        knn(data[:10], data, 3, exclude_self=True)
+    with pytest.raises(ValueError, match="backend"):
+        knn(data, None, 3, backend="annoy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="metric"):
+        knn(data, None, 3, metric="manhattan")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="queries"):
+        knn(np.arange(10).reshape(5, 2), None, 1)
+    with pytest.raises(TypeError, match="queries"):
+        knn([[0.0, 1.0]], None, 1)
+    bad = data.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        knn(bad, None, 3)

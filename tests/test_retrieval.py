@@ -1,0 +1,264 @@
+"""Retrieval metrics against pytorch-metric-learning, scikit-learn and a plain slow reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+from sklearn.metrics import average_precision_score
+
+from embedkit.evaluation.report import Rate
+from embedkit.evaluation.retrieval import hit_chance, retrieval_metrics
+
+PML_KEYS = {
+    "precision@1": "precision_at_1",
+    "r_precision": "r_precision",
+    "map@r": "mean_average_precision_at_r",
+    "map": "mean_average_precision",
+}
+
+
+def normalised(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def pml(queries, query_labels, reference=None, reference_labels=None) -> dict[str, float]:
+    calculator = AccuracyCalculator(include=tuple(PML_KEYS.values()), k=None, device=torch.device("cpu"))
+    args = [torch.from_numpy(normalised(queries)), torch.from_numpy(query_labels)]
+    if reference is not None:
+        args += [torch.from_numpy(normalised(reference)), torch.from_numpy(reference_labels)]
+    return calculator.get_accuracy(*args)
+
+
+def slow_reference(queries, query_labels, reference, reference_labels, self_mode, ks):
+    """Musgrave et al.'s definitions, one query at a time, from a full sort."""
+    q, r = normalised(queries.astype(np.float64)), normalised(reference.astype(np.float64))
+    results: dict[str, list[float]] = {}
+    for i in range(len(q)):
+        scores = r @ q[i]
+        keep = np.ones(len(r), bool)
+        if self_mode:
+            keep[i] = False
+        order = np.argsort(-scores[keep], kind="stable")
+        relevant = (reference_labels[keep] == query_labels[i])[order]
+        big_r = int(relevant.sum())
+        if big_r == 0:
+            continue
+        first_r = relevant[:big_r]
+        precisions = np.cumsum(first_r) / np.arange(1, big_r + 1)
+        row = {
+            "precision@1": float(relevant[0]),
+            "r_precision": first_r.sum() / big_r,
+            "map@r": (precisions * first_r).sum() / big_r,
+        }
+        for k in ks:
+            row[f"recall@{k}"] = float(relevant[:k].any())
+            row[f"precision@{k}"] = relevant[:k].sum() / k
+        for key, value in row.items():
+            results.setdefault(key, []).append(value)
+    return {key: float(np.mean(values)) for key, values in results.items()}
+
+
+@pytest.fixture
+def random_set() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((360, 8)).astype(np.float32), rng.integers(0, 15, 360)
+
+
+def test_equals_accuracy_calculator_query_is_reference(random_set) -> None:
+    x, y = random_set
+    ours = retrieval_metrics(x, y)
+    theirs = pml(x, y)
+    for key, pml_key in PML_KEYS.items():
+        assert ours[key] == pytest.approx(theirs[pml_key], abs=1e-9), key
+
+
+def test_equals_accuracy_calculator_split(random_set) -> None:
+    x, y = random_set
+    ours = retrieval_metrics(x[:120], y[:120], x[120:], y[120:])
+    theirs = pml(x[:120], y[:120], x[120:], y[120:])
+    for key, pml_key in PML_KEYS.items():
+        assert ours[key] == pytest.approx(theirs[pml_key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("self_mode", [True, False])
+def test_equals_slow_reference(random_set, self_mode: bool) -> None:
+    x, y = random_set
+    ks = (1, 3, 10, 40)
+    if self_mode:
+        ours = retrieval_metrics(x, y, ks=ks, backend="torch")
+        want = slow_reference(x, y, x, y, True, ks)
+    else:
+        ours = retrieval_metrics(x[:100], y[:100], x[100:], y[100:], ks=ks)
+        want = slow_reference(x[:100], y[:100], x[100:], y[100:], False, ks)
+    for key, value in want.items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+    assert ours["recall@1"] == ours["precision@1"]
+    np.testing.assert_allclose(ours.curves["cmc"][[0, 2, 9, 39]], [want[f"recall@{k}"] for k in ks])
+
+
+def test_map_equals_sklearn_average_precision_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    # small-integer embeddings and the dot product: many exactly tied scores (exact in float32),
+    # between relevant and irrelevant references alike
+    x = rng.integers(-2, 3, size=(150, 3)).astype(np.float32)
+    y = rng.integers(0, 4, 150)
+    scores = x.astype(np.float64) @ x.astype(np.float64).T
+    expected = []
+    for i in range(150):
+        keep = np.arange(150) != i
+        expected.append(average_precision_score(y[keep] == y[i], scores[i, keep]))
+    report = retrieval_metrics(x, y, metric="dot", chunk_size=7)
+    assert report["map"] == pytest.approx(np.mean(expected), abs=1e-12)
+
+
+def test_map_is_exact_beyond_the_search_depth(random_set) -> None:
+    # mAP uses every relevant item, even those ranked below depth max(R): compare with sklearn
+    x, y = random_set
+    q, r = normalised(x[:50].astype(np.float64)), normalised(x[50:].astype(np.float64))
+    expected = [average_precision_score(y[50:] == y[i], r @ q[i]) for i in range(50)]
+    report = retrieval_metrics(x[:50], y[:50], x[50:], y[50:], ks=(1,))
+    assert report["map"] == pytest.approx(np.mean(expected), abs=1e-9)
+    assert report.counts["search_depth"] < 310
+
+
+def test_backends_agree(random_set) -> None:
+    x, y = random_set
+    a = retrieval_metrics(x, y, backend="faiss")
+    b = retrieval_metrics(torch.from_numpy(x), torch.from_numpy(y), backend="torch", chunk_size=50)
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-9), key
+
+
+def test_rates_have_counts_and_chance(random_set) -> None:
+    x, y = random_set
+    report = retrieval_metrics(x, y, ks=(1, 5))
+    p1 = report.rate("precision@1")
+    assert isinstance(p1, Rate) and p1.total == 360
+    sizes = np.bincount(y)
+    assert p1.chance == pytest.approx(np.mean((sizes[y] - 1) / 359))
+    r5 = report.rate("recall@5")
+    assert r5 is not None and r5.chance == pytest.approx(np.mean(hit_chance(sizes[y] - 1, 359, 5)))
+    p5 = report.rate("precision@5")
+    assert p5 is not None and p5.total == 5 * 360
+    assert report.rate("r_precision") is None
+    # precision@k at k = 1 is precision@1 itself: one key, not two
+    assert list(report) == [
+        "precision@1",
+        "r_precision",
+        "map@r",
+        "recall@1",
+        "recall@5",
+        "precision@5",
+        "map",
+    ]
+    assert "map@r" in report.to_json() and "| precision@1 |" in report.to_markdown()
+
+
+def test_hit_chance_is_the_exact_hypergeometric() -> None:
+    for n, r, k in [(10, 3, 1), (10, 3, 4), (10, 8, 3), (50, 1, 10), (7, 7, 2), (20, 0, 5), (5, 2, 9)]:
+        want = 1.0 - math.comb(n - r, min(k, n)) / math.comb(n, min(k, n))
+        assert hit_chance(np.array([r]), n, k)[0] == pytest.approx(want, abs=1e-12)
+    rng = np.random.default_rng(0)
+    draws = np.array([(rng.permutation(30)[:4] < 6).any() for _ in range(20000)])
+    assert hit_chance(np.array([6]), 30, 4)[0] == pytest.approx(draws.mean(), abs=0.01)
+
+
+def test_queries_without_relevant_are_counted_not_dropped() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((43, 6)).astype(np.float32)
+    y = np.concatenate([[100, 101, 102], np.repeat(np.arange(10), 4)])  # three singletons first
+    report = retrieval_metrics(x, y)
+    assert report.counts["queries_without_relevant"] == 3
+    assert report.counts["evaluated_queries"] == 40
+    assert report.rate("precision@1").total == 40
+    assert any("3 of 43 queries have no relevant reference" in n and "100" in n for n in report.notes)
+    split = retrieval_metrics(x[:20], y[:20], x[20:], y[20:])
+    absent = int(np.isin(y[:20], y[20:], invert=True).sum())  # singletons and classes only in the queries
+    assert absent > 3 and split.counts["queries_without_relevant"] == absent
+    assert split.rate("precision@1").total == 20 - absent
+    with pytest.raises(ValueError, match="none of the"):
+        retrieval_metrics(x[:4], np.arange(4), x[4:8], np.arange(10, 14))
+
+
+def test_large_label_values_never_collide() -> None:
+    # 2**24 and 2**24 + 1 are the same float32: a float cast would merge the two classes
+    x = np.array([[1, 0], [1, 0.01], [0, 1], [0.01, 1]], dtype=np.float32)
+    y = np.array([2**24, 2**24 + 1, 2**24, 2**24 + 1], dtype=np.int64)
+    report = retrieval_metrics(x, y)
+    assert report["precision@1"] == 0.0  # nearest neighbour always has the other label
+    assert retrieval_metrics(x, y + 2**40)["precision@1"] == 0.0
+    with pytest.raises(TypeError, match="query_labels"):
+        retrieval_metrics(x, y.astype(np.float64))
+
+
+def test_bad_arguments(random_set) -> None:
+    x, y = random_set
+    with pytest.raises(ValueError, match="same object"):
+        retrieval_metrics(x, y, x, y)
+    with pytest.raises(ValueError, match="reference_labels"):
+        retrieval_metrics(x, y, x.copy())
+    with pytest.raises(ValueError, match="without reference"):
+        retrieval_metrics(x, y, None, y)
+    with pytest.raises(ValueError, match="query_labels has 10 entries"):
+        retrieval_metrics(x, y[:10])
+    with pytest.raises(ValueError, match="ks must lie in"):
+        retrieval_metrics(x, y, ks=(0, 1))
+    with pytest.raises(TypeError, match="ks"):
+        retrieval_metrics(x, y, ks="5")
+    with pytest.raises(ValueError, match="embedding_dim"):
+        retrieval_metrics(x, y, x[:, :3], y)
+
+
+def test_compute_map_false_skips_map(random_set) -> None:
+    x, y = random_set
+    report = retrieval_metrics(x, y, compute_map=False)
+    assert "map" not in report and "map@r" in report
+
+
+# --- properties ------------------------------------------------------------------------------
+
+
+@st.composite
+def labelled_sets(draw):
+    n_classes = draw(st.integers(2, 6))
+    per_class = draw(st.lists(st.integers(2, 6), min_size=n_classes, max_size=n_classes))
+    labels = np.repeat(np.arange(n_classes), per_class)
+    seed = draw(st.integers(0, 2**31 - 1))
+    return labels, seed
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(labelled_sets(), st.booleans())
+def test_perfect_embeddings_score_one(case, duplicated: bool) -> None:
+    labels, seed = case
+    rng = np.random.default_rng(seed)
+    n_classes = labels.max() + 1
+    centres = np.eye(n_classes, 8, dtype=np.float32)
+    noise = 0.0 if duplicated else 0.01  # exact duplicates within a class, or tight clusters
+    x = centres[labels] + noise * rng.standard_normal((labels.size, 8)).astype(np.float32)
+    order = rng.permutation(labels.size)
+    report = retrieval_metrics(x[order], labels[order], ks=(1, 2))
+    for key in ("precision@1", "r_precision", "map@r", "map", "recall@1", "recall@2"):
+        assert report[key] == pytest.approx(1.0), key
+    # precision@k divides by k: a class of two (R = 1) scores 1/2 at k = 2, even when perfect
+    r = np.bincount(labels)[labels] - 1
+    assert report["precision@2"] == pytest.approx(np.mean(np.minimum(r, 2) / 2))
+
+
+@settings(max_examples=20, deadline=None)
+@given(labelled_sets(), st.integers(0, 2**62))
+def test_relabelling_changes_nothing(case, offset: int) -> None:
+    labels, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((labels.size, 5)).astype(np.float32)
+    permuted = rng.permutation(labels.max() + 1)[labels].astype(np.int64) * 7919 + offset % (2**62)
+    a = retrieval_metrics(x, labels)
+    b = retrieval_metrics(x, permuted)
+    for key in a:
+        assert a[key] == pytest.approx(b[key], abs=1e-12), key
