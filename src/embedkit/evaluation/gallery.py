@@ -54,6 +54,21 @@ def fpir_key(fpir: float, prefix: str = "dir") -> str:
     return f"{prefix}@fpir={np.format_float_positional(fpir, trim='-')}"
 
 
+def _check_fpir_targets(fpir_targets: Any) -> tuple[float, ...]:
+    if isinstance(fpir_targets, (int, float)):
+        fpir_targets = (fpir_targets,)
+    if isinstance(fpir_targets, (str, bytes)) or not isinstance(fpir_targets, (Sequence, np.ndarray)):
+        raise TypeError(
+            f"fpir_targets must be a sequence of floats in (0, 1]; got {type(fpir_targets).__name__}"
+        )
+    if len(fpir_targets) == 0:
+        raise ValueError("fpir_targets is empty; expected at least one FPIR target in (0, 1]")
+    return tuple(
+        check_real(f, f"fpir_targets[{i}]", low=0.0, high=1.0, low_inclusive=False)
+        for i, f in enumerate(fpir_targets)
+    )
+
+
 @dataclass(frozen=True)
 class _Scan:
     """Per-probe results of one pass over the gallery."""
@@ -193,9 +208,9 @@ class Gallery:
             for its true identity — compare it with a paired similarity);
             ``curves["cmc"][r - 1]`` is the rank-``r`` accuracy for ``r = 1..C``.
         """
-        return self.evaluate(probes, labels, ranks=ranks, image_ids=image_ids, progress=progress)[
-            "identification"
-        ]
+        return self.evaluate(
+            probes, labels, ranks=ranks, image_ids=image_ids, progress=progress, open_set=False
+        )["identification"]
 
     def dir_at_fpir(
         self,
@@ -235,7 +250,13 @@ class Gallery:
             ``"fpir"`` and ``"dir"`` at every threshold.
         """
         return self.evaluate(
-            probes, labels, fpir_targets=fpir_targets, image_ids=image_ids, progress=progress, open_set=True
+            probes,
+            labels,
+            fpir_targets=fpir_targets,
+            image_ids=image_ids,
+            progress=progress,
+            identification=False,
+            open_set=True,
         )["open_set"]
 
     def verify(
@@ -272,7 +293,14 @@ class Gallery:
             (``"genuine_scores"``, ``"impostor_scores"``) for histograms.
         """
         return self.evaluate(
-            probes, labels, far_targets=far_targets, image_ids=image_ids, progress=progress, verification=True
+            probes,
+            labels,
+            far_targets=far_targets,
+            image_ids=image_ids,
+            progress=progress,
+            identification=False,
+            open_set=False,
+            verification=True,
         )["verification"]
 
     def evaluate(
@@ -284,6 +312,7 @@ class Gallery:
         fpir_targets: Sequence[float] = (0.001, 0.01, 0.1),
         far_targets: Sequence[float] = (1e-4, 1e-3, 1e-2),
         image_ids: Any = None,
+        identification: bool = True,
         open_set: bool | None = None,
         verification: bool = False,
         progress: bool = False,
@@ -296,6 +325,8 @@ class Gallery:
             As in :meth:`identify`.
         ranks, fpir_targets, far_targets
             As in :meth:`identify`, :meth:`dir_at_fpir` and :meth:`verify`.
+        identification : bool
+            Compute ``"identification"`` (closed-set; needs mated probes).
         open_set : bool, optional
             Compute ``"open_set"``; by default whenever some probes are non-mated.
         verification : bool
@@ -304,8 +335,7 @@ class Gallery:
         Returns
         -------
         dict of str to Report
-            ``"identification"`` (when some probes are mated), ``"open_set"`` and
-            ``"verification"`` when computed.
+            ``"identification"``, ``"open_set"`` and ``"verification"``, those computed.
         """
         if self._entries is None:
             raise ValueError("the gallery is empty; call enrol(embeddings, labels) first")
@@ -322,6 +352,18 @@ class Gallery:
         n_mated, n_non_mated = int(mated.sum()), int((~mated).sum())
         if open_set is None:
             open_set = n_non_mated > 0
+        if identification and n_mated == 0:
+            raise ValueError(
+                f"none of the {p.shape[0]} probe labels is enrolled; closed-set identification needs mated "
+                "probes (use dir_at_fpir for open-set evaluation)"
+            )
+        if open_set:
+            fpir_targets = _check_fpir_targets(fpir_targets)
+            if n_mated == 0 or n_non_mated == 0:
+                raise ValueError(
+                    f"open-set identification needs mated and non-mated probes; got {n_mated} mated and "
+                    f"{n_non_mated} non-mated (a probe is non-mated when its label is not enrolled)"
+                )
         scan = self._scan(
             p.to(self._entries.device), probe_identity, keep_pairs=verification, progress=progress
         )
@@ -348,13 +390,8 @@ class Gallery:
             )
 
         reports: dict[str, Report] = {}
-        if n_mated:
+        if identification:
             reports["identification"] = self._identification_report(scan, mated, ranks, counts, notes)
-        elif not open_set and not verification:
-            raise ValueError(
-                f"none of the {p.shape[0]} probe labels is enrolled; closed-set identification needs mated "
-                "probes (use dir_at_fpir for open-set evaluation)"
-            )
         if open_set:
             reports["open_set"] = self._open_set_report(scan, mated, fpir_targets, counts, notes)
         if verification:
@@ -462,26 +499,13 @@ class Gallery:
         counts: dict[str, int],
         notes: list[str],
     ) -> Report:
-        if isinstance(fpir_targets, (int, float)):
-            fpir_targets = (fpir_targets,)
-        targets = [
-            check_real(f, f"fpir_targets[{i}]", low=0.0, high=1.0, low_inclusive=False)
-            for i, f in enumerate(fpir_targets)
-        ]
-        if not targets:
-            raise ValueError("fpir_targets is empty; expected at least one FPIR target in (0, 1]")
         n_mated, n_non = int(mated.sum()), int((~mated).sum())
-        if n_mated == 0 or n_non == 0:
-            raise ValueError(
-                f"open-set identification needs mated and non-mated probes; got {n_mated} mated and "
-                f"{n_non} non-mated (a probe is non-mated when its label is not enrolled)"
-            )
         non_mated_desc = np.sort(scan.best_score[~mated])[::-1]
         # Mated probes identified at rank 1, by score (ascending) for counting above a threshold.
         hits_sorted = np.sort(scan.true_score[mated & (scan.rank == 1)])
         metrics: dict[str, float | Rate] = {}
         own_notes = list(notes)
-        for f in targets:
+        for f in fpir_targets:
             allowed = int(np.floor(f * n_non))
             if (allowed + 1) / n_non <= f:  # floating-point floor, as FPIR itself is computed
                 allowed += 1
