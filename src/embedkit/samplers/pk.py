@@ -101,6 +101,17 @@ def _smallest_epoch(chunks: np.ndarray, p: int) -> int:
     return low
 
 
+def _shuffle_within(class_key: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Permutation sorting by class with a uniformly random order inside each class.
+
+    ``class_key`` holds each position's class index shifted left by 32 bits. Random
+    32-bit tie-breakers and a *stable* sort make the result the same on every machine
+    (an unstable sort may order equal keys differently on different CPUs).
+    """
+    key = class_key | rng.integers(0, 1 << 32, size=class_key.size, dtype=np.uint64)
+    return np.argsort(key, kind="stable")
+
+
 def _describe_small(values: np.ndarray, counts: np.ndarray, k: int) -> str:
     shown = ", ".join(
         f"label {v} ({c} sample{'s' if c != 1 else ''})" for v, c in zip(values[:8], counts[:8], strict=True)
@@ -228,7 +239,7 @@ class PKSampler(Sampler[list[int]]):
         self._starts = starts.astype(np.int64, copy=False)
         self._counts = counts.astype(np.int64, copy=False)
         self._classes = classes
-        self._position_class = np.repeat(np.arange(num_classes, dtype=np.float64), counts)
+        self._class_key = np.repeat(np.arange(num_classes, dtype=np.uint64), counts) << np.uint64(32)
         self._chunks = np.where(counts >= self._k, -(-counts // self._k), 1).astype(np.int64)
         self._global_batches = _smallest_epoch(self._chunks, self._p)
         self._per_replica = -(-self._global_batches // self._num_replicas)
@@ -432,10 +443,8 @@ class PKSampler(Sampler[list[int]]):
         counts, starts = self._counts, self._starts
         num_classes = counts.size
 
-        # 1. Shuffle inside every class (keys stay below class + 1, so classes never mix).
-        key = rng.random(self._order.size) * 0.5
-        key += self._position_class
-        shuffled = self._order[np.argsort(key)]
+        # 1. Shuffle inside every class.
+        shuffled = self._order[_shuffle_within(self._class_key, rng)]
 
         # 2. Chunks of k positions inside each class; at most num_batches per class.
         used = np.minimum(self._chunks, num_batches)
@@ -450,9 +459,7 @@ class PKSampler(Sampler[list[int]]):
         position = np.where(position >= size, position - size, position)
         short = (size < k) & (np.arange(k) >= size)
         if short.any():  # classes with fewer than k samples: top up with replacement
-            position[short] = (
-                rng.random(int(short.sum())) * np.broadcast_to(size, short.shape)[short]
-            ).astype(np.int64)
+            position[short] = rng.integers(0, np.broadcast_to(size, short.shape)[short])
         samples = shuffled[starts[chunk_class][:, None] + position]
 
         # 3. Classes in random order, chunks laid down column by column.
@@ -467,7 +474,7 @@ class PKSampler(Sampler[list[int]]):
         sequence_class = np.where(sequence >= 0, chunk_class[np.maximum(sequence, 0)], -1)
         columns = sequence.reshape(p, num_batches)
         column_class = sequence_class.reshape(p, num_batches)
-        rows = np.argsort(rng.random((p, num_batches)), axis=1)
+        rows = np.argsort(rng.random((p, num_batches)), axis=1, kind="stable")
         # A class that runs from column j - 1 into column j must avoid its rows of column j - 1.
         boundary = np.flatnonzero(
             (column_class[:-1, -1] >= 0) & (column_class[:-1, -1] == column_class[1:, 0])

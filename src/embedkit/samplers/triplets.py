@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .._checks import as_label_array, check_choice, check_embeddings, check_int, check_real
 from ..similarity import METRICS, Metric, pairwise_distance
+from .pk import _shuffle_within
 
 __all__ = ["PairRule", "TripletSet", "build_triplets", "count_triplets"]
 
@@ -195,8 +196,7 @@ def build_triplets(
             f"every one of the {classes.size} classes in labels has a single sample; a triplet needs "
             "an anchor and a positive of the same class"
         )
-    key = rng.random(label_array.size) * 0.5 + inverse
-    grouped = np.argsort(key)
+    grouped = _shuffle_within(inverse.astype(np.uint64) << np.uint64(32), rng)
     grouped_class = inverse[grouped]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
 
@@ -213,7 +213,7 @@ def build_triplets(
     if negatives == "random":
         # Uniform over the samples of every other class: skip the anchor's class block.
         n = label_array.size
-        draw = (rng.random(first.size) * (n - counts[anchor_class])).astype(np.int64)
+        draw = rng.integers(0, n - counts[anchor_class])
         draw += (draw >= starts[anchor_class]) * counts[anchor_class]
         negative = grouped[draw]
         num_semi_hard = 0
