@@ -70,7 +70,7 @@ def test_one_removed_chains_every_class() -> None:
     result = build_triplets(labels, seed=3)
     check_triplets(result.indices, labels)
     assert result.num_triplets == 3 + 2 + 0 + 1
-    assert (result.num_classes, result.num_unpaired) == (3, 1)
+    assert (result.num_paired_classes, result.num_unpaired) == (3, 1)
     pairs = {tuple(row) for row in result.indices[:, :2].tolist()}
     assert len(pairs) == result.num_triplets  # distinct (anchor, positive) pairs
     a, p = result.indices[:, 0], result.indices[:, 1]

@@ -56,7 +56,7 @@ class TripletSet:
         The pool rule used, ``"one_removed"`` or ``"both_removed"``.
     negatives : str
         How negatives were chosen, ``"random"`` or ``"semi_hard"``.
-    num_classes : int
+    num_paired_classes : int
         Classes that gave at least one (anchor, positive) pair (two or more samples).
     num_unpaired : int
         Samples in classes of a single sample, which can never be anchor or positive.
@@ -68,7 +68,7 @@ class TripletSet:
     indices: np.ndarray
     rule: str
     negatives: str
-    num_classes: int
+    num_paired_classes: int
     num_unpaired: int
     num_semi_hard: int
 
@@ -84,7 +84,7 @@ class TripletSet:
         semi = f", num_semi_hard={self.num_semi_hard}" if self.negatives == "semi_hard" else ""
         return (
             f"TripletSet(num_triplets={self.num_triplets}, rule={self.rule!r}, negatives={self.negatives!r}, "
-            f"num_classes={self.num_classes}, num_unpaired={self.num_unpaired}{semi})"
+            f"num_paired_classes={self.num_paired_classes}, num_unpaired={self.num_unpaired}{semi})"
         )
 
 
@@ -228,7 +228,7 @@ def build_triplets(
         indices=indices,
         rule=rule,
         negatives=negatives,
-        num_classes=int((counts >= 2).sum()),
+        num_paired_classes=int((counts >= 2).sum()),
         num_unpaired=int(counts[counts == 1].sum()),
         num_semi_hard=num_semi_hard,
     )
