@@ -153,39 +153,77 @@ def knn(
             f"got {q.shape[0]} queries and {ref.shape[0]} references"
         )
     check_int(k, "k", low=1, high=ref.shape[0] - int(exclude_self))
-    resolved = resolve_backend(backend, q, ref)
-    same = reference is None
-    with progress_bar(q.shape[0], "k-NN search", progress) as update:
+    scores, indices = search_checked(
+        q,
+        None if reference is None else ref,
+        k,
+        metric=metric,
+        backend=backend,
+        exclude_self=exclude_self,
+        chunk_size=chunk_size,
+        nlist=nlist,
+        nprobe=nprobe,
+        hnsw_m=hnsw_m,
+        ef_search=ef_search,
+        progress=progress,
+    )
+    if isinstance(queries, Tensor):
+        return torch.as_tensor(scores).to(queries.device), torch.as_tensor(indices).to(queries.device)
+    return _as_numpy(scores), _as_numpy(indices)
+
+
+def _as_numpy(x: Tensor | np.ndarray) -> np.ndarray:
+    return to_numpy(x) if isinstance(x, Tensor) else x
+
+
+def search_checked(
+    queries: Tensor,
+    reference: Tensor | None,
+    k: int,
+    *,
+    metric: Metric = "cosine",
+    backend: Backend = "auto",
+    exclude_self: bool = False,
+    chunk_size: int | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    hnsw_m: int = 32,
+    ef_search: int | None = None,
+    progress: bool = False,
+) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
+    """:func:`knn` on inputs that were already validated (tensors from :mod:`._inputs`).
+
+    For the evaluation modules, which validate their inputs once themselves. Returns
+    torch tensors on the queries' device from the torch back-end and numpy arrays from
+    FAISS, without converting either.
+    """
+    ref = queries if reference is None else reference
+    resolved = resolve_backend(backend, queries, ref)
+    with progress_bar(queries.shape[0], "k-NN search", progress) as update:
         if resolved == "torch":
-            scores_t, indices_t = chunked_topk(
-                q,
-                None if same else ref,
+            return chunked_topk(
+                queries,
+                reference,
                 k,
                 metric=metric,
                 exclude_self=exclude_self,
                 chunk_size=chunk_size,
                 callback=update,
             )
-            if isinstance(queries, Tensor):
-                return scores_t, indices_t
-            return to_numpy(scores_t), to_numpy(indices_t)
-        scores, indices = _faiss_search(
-            q,
+        return _faiss_search(
+            queries,
             ref,
             k,
             metric=metric,
             index_kind=resolved,
             exclude_self=exclude_self,
-            same=same,
+            same=reference is None,
             nlist=nlist,
             nprobe=nprobe,
             hnsw_m=hnsw_m,
             ef_search=ef_search,
             callback=update,
         )
-    if isinstance(queries, Tensor):
-        return torch.from_numpy(scores).to(queries.device), torch.from_numpy(indices).to(queries.device)
-    return scores, indices
 
 
 def _faiss_array(x: Tensor, metric: str) -> np.ndarray:

@@ -44,7 +44,7 @@ from torch import Tensor
 from .._checks import check_choice, check_matching_dim
 from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
 from ._inputs import as_embeddings, as_labels, check_ks, progress_bar, to_numpy
-from .knn import Backend, knn
+from .knn import Backend, search_checked
 from .report import Rate, Report
 
 __all__ = ["average_precision_full", "hit_chance", "retrieval_metrics"]
@@ -148,7 +148,7 @@ def retrieval_metrics(
         )
     depth = min(available, max(int(relevant.max()), ks[-1]))
 
-    _, indices = knn(
+    _, indices = search_checked(
         q,
         None if self_mode else ref,
         depth,
@@ -158,7 +158,7 @@ def retrieval_metrics(
         chunk_size=chunk_size,
         progress=progress,
     )
-    indices = to_numpy(indices)
+    indices = to_numpy(indices) if isinstance(indices, Tensor) else indices
 
     n_eval = evaluated.size
     r_eval = relevant[evaluated]

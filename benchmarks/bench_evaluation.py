@@ -1,0 +1,233 @@
+"""Retrieval evaluation speed against pytorch-metric-learning and the bare FAISS search.
+
+Each size runs three things in one process on the same data (d=128, 1,000 classes,
+float32, every embedding a query against all the others, itself excluded):
+
+* ``faiss``: the floor — ``faiss.IndexFlatIP`` on L2-normalised embeddings, ``add`` and
+  ``search`` at the depth the metrics need (max class size), nothing else;
+* ``embedkit``: :func:`embedkit.evaluation.retrieval.retrieval_metrics` for precision@1,
+  R-precision and MAP@R (``ks=(1,)``, ``compute_map=False``), from the raw embeddings;
+* ``PML``: ``AccuracyCalculator(include=("precision_at_1", "r_precision",
+  "mean_average_precision_at_r"), k="max_bin_count")`` with its default FAISS k-NN.
+
+The metrics of both libraries are checked to agree before any time is reported. The table
+gives wall times and the ratios ``PML / embedkit`` (above 1 = embedkit faster) and
+``embedkit / faiss`` (the overhead over the bare search). The cost of the exact
+full-ranking mAP (an extra pass) is timed separately at the smallest size.
+
+``--large`` evaluates 1e4 queries against a 1e6 × 128 reference set in a fresh subprocess
+and reports its time and peak resident memory (``ru_maxrss``: FAISS and torch allocate
+outside Python's allocator, so tracemalloc would miss them).
+
+When ``benchmarks/bench_verification.py`` is present it runs afterwards (TAR@FAR on 1e7
+impostor scores against scikit-learn), so one command runs the whole evaluation benchmark.
+
+    python benchmarks/bench_evaluation.py [--quick] [--large] [--sizes 10000 100000] [--no-verification]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import runpy
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NUM_CLASSES = 1000
+DIM = 128
+
+
+def make_data(n: int, seed: int = 0, n_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered embeddings: class centres plus noise (precision@1 well away from 0 and 1)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, DIM), dtype=np.float32)
+    labels = rng.integers(0, n_classes, n)
+    x = centres[labels]
+    x += 1.3 * rng.standard_normal((n, DIM), dtype=np.float32)
+    return x, labels
+
+
+def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def bare_faiss(x: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    xn = x.copy()
+    faiss.normalize_L2(xn)
+    index = faiss.IndexFlatIP(DIM)
+    index.add(xn)
+    return index.search(xn, depth)
+
+
+def embedkit_metrics(x: np.ndarray, labels: np.ndarray, compute_map: bool = False) -> dict[str, float]:
+    from embedkit.evaluation.retrieval import retrieval_metrics
+
+    report = retrieval_metrics(x, labels, ks=(1,), compute_map=compute_map)
+    return dict(report)
+
+
+def pml_metrics(x: np.ndarray, labels: np.ndarray, include: tuple[str, ...], k: Any) -> dict[str, float]:
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    calculator = AccuracyCalculator(include=include, k=k, device=torch.device("cpu"))
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)  # PML's default k-NN is L2: normalise for cosine
+    return calculator.get_accuracy(torch.from_numpy(xn), torch.from_numpy(labels))
+
+
+PML_NAMES = {
+    "precision@1": "precision_at_1",
+    "r_precision": "r_precision",
+    "map@r": "mean_average_precision_at_r",
+}
+
+
+def warm_up() -> None:
+    """Import and first-call costs (FAISS, torch, scipy) are paid here, outside every timing."""
+    x, labels = make_data(3_000, seed=9, n_classes=50)
+    bare_faiss(x, 5)
+    embedkit_metrics(x, labels, compute_map=True)
+    pml_metrics(x, labels, tuple(PML_NAMES.values()), "max_bin_count")
+
+
+def run_size(n: int, repeats: int) -> dict[str, Any]:
+    x, labels = make_data(n)
+    depth = int(np.bincount(labels).max())  # max R + 1 (self) = max class size
+    t_faiss, _ = timed(lambda: bare_faiss(x, depth), repeats)
+    t_ours, ours = timed(lambda: embedkit_metrics(x, labels), repeats)
+    t_pml, theirs = timed(lambda: pml_metrics(x, labels, tuple(PML_NAMES.values()), "max_bin_count"), repeats)
+    for key, pml_key in PML_NAMES.items():
+        if abs(ours[key] - theirs[pml_key]) > 1e-4:
+            raise AssertionError(f"n={n}: {key} differs: embedkit {ours[key]} vs PML {theirs[pml_key]}")
+    return {
+        "n": n,
+        "depth": depth,
+        "faiss_s": t_faiss,
+        "embedkit_s": t_ours,
+        "pml_s": t_pml,
+        "pml_over_embedkit": t_pml / t_ours,
+        "embedkit_over_faiss": t_ours / t_faiss,
+        **{key: ours[key] for key in PML_NAMES},
+    }
+
+
+def run_map(n: int) -> dict[str, Any]:
+    """The exact full-ranking mAP: embedkit's extra pass against PML ranking every reference (k=None)."""
+    x, labels = make_data(n, seed=1)
+    t_without, _ = timed(lambda: embedkit_metrics(x, labels, compute_map=False))
+    t_with, ours = timed(lambda: embedkit_metrics(x, labels, compute_map=True))
+    t_pml, theirs = timed(lambda: pml_metrics(x, labels, ("mean_average_precision",), None))
+    if abs(ours["map"] - theirs["mean_average_precision"]) > 1e-4:
+        raise AssertionError(f"mAP differs: embedkit {ours['map']} vs PML {theirs['mean_average_precision']}")
+    return {"n": n, "without_map_s": t_without, "with_map_s": t_with, "pml_map_s": t_pml, "map": ours["map"]}
+
+
+def large_child(n_reference: int, n_queries: int) -> None:
+    """Runs in a fresh process: prints one JSON line with time and peak memory."""
+    from embedkit.evaluation.retrieval import retrieval_metrics
+
+    x, labels = make_data(n_reference + n_queries, seed=2)
+    queries, query_labels = x[:n_queries].copy(), labels[:n_queries].copy()
+    reference, reference_labels = x[n_queries:], labels[n_queries:]
+    data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    report = retrieval_metrics(
+        queries, query_labels, reference, reference_labels, ks=(1, 5, 10), compute_map=False
+    )
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = {
+        "n_reference": n_reference,
+        "n_queries": n_queries,
+        "seconds": seconds,
+        "peak_rss_gib": peak / 2**20,
+        "rss_before_evaluation_gib": data_rss / 2**20,
+        "nxn_matrix_gib": n_reference * n_queries * 4 / 2**30,
+        "precision@1": report["precision@1"],
+        "map@r": report["map@r"],
+        "search_depth": report.counts["search_depth"],
+    }
+    print(json.dumps(result))
+
+
+def run_large(n_reference: int, n_queries: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--large-child", str(n_reference), str(n_queries)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="sizes 2e3 and 1e4 only")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--large", action="store_true", help="also the 1e6-reference, 1e4-query run")
+    parser.add_argument("--large-only", action="store_true", help="only the large run")
+    parser.add_argument("--no-verification", action="store_true", help="skip bench_verification.py")
+    parser.add_argument("--large-child", type=int, nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.large_child:
+        large_child(*args.large_child)
+        return
+    logging.getLogger("PML").setLevel(logging.ERROR)
+    if not args.large_only:
+        sizes = args.sizes or ([2_000, 10_000] if args.quick else [10_000, 100_000, 200_000])
+        print(f"retrieval: precision@1 + R-precision + MAP@R, d={DIM}, {NUM_CLASSES} classes, query == ref")
+        warm_up()
+        columns = ["n", "depth", "faiss bare (s)", "embedkit (s)", "PML (s)", "PML / embedkit"]
+        print("| " + " | ".join([*columns, "embedkit / faiss", "MAP@R"]) + " |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for n in sizes:
+            r = run_size(n, args.repeats)
+            print(
+                f"| {n:,} | {r['depth']} | {r['faiss_s']:.2f} | {r['embedkit_s']:.2f} | {r['pml_s']:.2f} "
+                f"| {r['pml_over_embedkit']:.2f}x | {r['embedkit_over_faiss']:.2f}x | {r['map@r']:.4f} |",
+                flush=True,
+            )
+        m = run_map(2_000 if args.quick else 10_000)
+        print(
+            f"\nexact full-ranking mAP at n={m['n']:,}: embedkit {m['with_map_s']:.2f} s with mAP "
+            f"({m['without_map_s']:.2f} s without); PML ranking every reference (k=None) "
+            f"{m['pml_map_s']:.2f} s; mAP {m['map']:.4f} (equal)",
+            flush=True,
+        )
+    if args.large or args.large_only:
+        r = run_large(1_000_000, 10_000)
+        print(
+            f"\nlarge: {r['n_queries']:,} queries vs {r['n_reference']:,} x {DIM} references: "
+            f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_gib']:.2f} GiB "
+            f"({r['rss_before_evaluation_gib']:.2f} GiB holding the data "
+            f"before evaluation; an N x N float32 score matrix would be {r['nxn_matrix_gib']:.1f} GiB); "
+            f"search depth {r['search_depth']}, precision@1 {r['precision@1']:.4f}",
+            flush=True,
+        )
+    verification = Path(__file__).with_name("bench_verification.py")
+    if not args.no_verification and not args.large_only and verification.exists():
+        print(f"\n--- {verification.name} ---", flush=True)
+        sys.argv = [str(verification), *(["--quick"] if args.quick else [])]
+        runpy.run_path(str(verification), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
