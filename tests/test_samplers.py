@@ -35,13 +35,15 @@ def check_batches(batches: np.ndarray, labels: np.ndarray, p: int, k: int) -> No
 
 
 def reference_epoch_length(labels: np.ndarray, p: int, k: int) -> tuple[int, bool]:
-    """Slow reference: smallest B with sum(min(m_c, B)) <= B p, and whether all chunks fit."""
+    """Slow reference: max(smallest B with sum(min(m_c, B)) <= B p, p-th largest m_c), and
+    whether all chunks fit (no class has more chunks than that)."""
     _, counts = np.unique(labels, return_counts=True)
     chunks = [max(1, math.ceil(c / k)) for c in counts]
     b = 1
     while sum(min(m, b) for m in chunks) > b * p:
         b += 1
-    return b, max(chunks) <= math.ceil(sum(chunks) / p)
+    b = max(b, sorted(chunks, reverse=True)[p - 1])
+    return b, max(chunks) <= b
 
 
 def as_list(sampler: PKSampler) -> list[list[int]]:
@@ -76,6 +78,23 @@ def test_epoch_length_matches_the_slow_reference() -> None:
             expected, covers = reference_epoch_length(labels, p, k)
             assert sampler.num_batches == expected
             assert sampler.covers_all_samples == covers
+            if max(np.unique(labels, return_counts=True)[1]) <= math.ceil(labels.size / p / k):
+                assert covers  # no class above 1/p of the data: always covered
+
+
+def test_epoch_runs_while_p_classes_have_chunks_left() -> None:
+    # One class, p=1: every batch is one chunk of it, and the epoch covers all of it.
+    sampler = PKSampler(np.zeros(10, dtype=np.int64), 1, 4, seed=0)
+    batches = np.array(as_list(sampler))
+    assert batches.shape == (3, 4) and sampler.covers_all_samples
+    assert set(batches.ravel().tolist()) == set(range(10))
+    # p equal to the number of classes: every batch holds all of them, and the epoch
+    # lasts until the smallest runs out (5 batches), not a single batch.
+    labels = np.repeat(np.arange(3), [10, 20, 30])
+    sampler = PKSampler(labels, 3, 2, seed=0)
+    assert sampler.num_batches == 5 and not sampler.covers_all_samples
+    seen = set(np.concatenate(as_list(sampler)).tolist())
+    assert set(range(10)) <= seen and len(seen) == 30
 
 
 def test_dominant_class_is_capped_and_the_rest_is_covered() -> None:

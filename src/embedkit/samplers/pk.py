@@ -12,22 +12,28 @@ batches being yielded.
    shuffled order), so no sample repeats inside a chunk. A class with ``n < k``
    samples gives one chunk, handled by the ``small_classes`` policy.
 2. **Epoch length.** A class can fill at most one slot of a batch, so with ``B``
-   batches it can place at most ``B`` chunks. ``B`` is the smallest number of
-   batches that holds every chunk under that cap: the smallest ``B >= 1`` with
-   ``sum_c min(m_c, B) <= B * p`` (``m_c`` the chunk count of class ``c``). It
-   depends only on the labels, ``p`` and ``k``, so ``len(sampler)`` is exact and free.
-3. **Coverage.** When no class has more than ``ceil(M / p)`` chunks
-   (``M = sum_c m_c``), ``B = ceil(M / p)`` and every sample of every eligible class
-   appears at least once per epoch (:attr:`PKSampler.covers_all_samples`). Otherwise
-   the largest classes are capped at ``B`` chunks — a new random subset of their
-   samples each epoch — and every sample of every other class still appears.
+   batches it can place at most ``B`` chunks. Let ``m_c`` be the chunk count of
+   class ``c``, ``B_fit`` the smallest ``B >= 1`` with ``sum_c min(m_c, B) <= B * p``
+   (every chunk fits under that cap) and ``m_(p)`` the ``p``-th largest ``m_c``. The
+   epoch has ``B = max(B_fit, m_(p))`` batches: it holds every chunk it can, and it
+   never ends while ``p`` classes still have chunks left. ``B`` depends only on the
+   labels, ``p`` and ``k``, so ``len(sampler)`` is exact and free.
+3. **Coverage.** Every sample of every eligible class appears at least once per
+   epoch exactly when no class has more than ``B`` chunks
+   (:attr:`PKSampler.covers_all_samples`). That holds whenever no class has more
+   than ``ceil(M / p)`` chunks (``M = sum_c m_c``; then ``B = ceil(M / p)``). It fails
+   only when fewer than ``p`` classes are too large for the rest: once the others run
+   out, no batch of ``p`` distinct classes can be formed. Those classes are capped at
+   ``B`` chunks — a new random subset of their samples each epoch — and every sample
+   of every other class still appears.
 4. **Arrangement.** The classes are put in a random order and their chunks laid
    down column by column into a ``B × p`` grid; each column's rows are shuffled
    independently (a class that continues from one column into the next is kept
    off the rows it already holds). A class's chunks therefore land in distinct
    batches, and which classes meet in a batch is random.
-5. **Tail.** ``B * p - M`` (fewer than ``p``) slots stay empty; each is filled with
-   a fresh chunk of a class that is not yet in that batch. Every batch is complete.
+5. **Tail.** ``B * p - sum_c min(m_c, B)`` slots (fewer than ``p``) stay empty; each
+   is filled with a fresh chunk of a class that is not yet in that batch. Every batch
+   is complete.
 6. **Replicas.** All ranks build the same global plan from ``(seed, epoch)``. When
    ``B`` is not a multiple of ``num_replicas`` the first batches of the plan are
    repeated until it is (as ``DistributedSampler`` pads), and rank ``r`` takes
@@ -80,8 +86,15 @@ def _resolve_replicas(num_replicas: Any, rank: Any) -> tuple[int, int]:
     return num_replicas, rank
 
 
-def _smallest_epoch(chunks: np.ndarray, p: int) -> int:
-    """Smallest ``B >= 1`` with ``sum(min(chunks, B)) <= B * p`` (see the module docstring)."""
+def _epoch_length(chunks: np.ndarray, p: int) -> int:
+    """Batches per epoch: ``max(B_fit, m_p)`` (see the module docstring).
+
+    ``B_fit`` is the smallest ``B >= 1`` with ``sum(min(chunks, B)) <= B * p`` — every
+    chunk fits when a class fills at most one slot per batch — and ``m_p`` is the
+    ``p``-th largest chunk count: the epoch never ends while ``p`` classes still have
+    chunks left. Between the two, exactly ``p`` classes have chunks left, so the
+    longer epoch needs no more top-up chunks than ``B_fit`` does.
+    """
     ordered = np.sort(chunks)
     cumulative = np.concatenate([[0], np.cumsum(ordered)])
     num_classes = ordered.size
@@ -98,7 +111,12 @@ def _smallest_epoch(chunks: np.ndarray, p: int) -> int:
             high = middle
         else:
             low = middle + 1
-    return low
+    return max(low, int(ordered[num_classes - p]))
+
+
+def _draw_below(rng: np.random.Generator, high: np.ndarray) -> np.ndarray:
+    """Uniform integers in ``[0, high)`` for an array of bounds (bias below ``high / 2**62``)."""
+    return rng.integers(0, 1 << 62, size=high.shape, dtype=np.int64) % high
 
 
 def _shuffle_within(class_key: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -241,7 +259,7 @@ class PKSampler(Sampler[list[int]]):
         self._classes = classes
         self._class_key = np.repeat(np.arange(num_classes, dtype=np.uint64), counts) << np.uint64(32)
         self._chunks = np.where(counts >= self._k, -(-counts // self._k), 1).astype(np.int64)
-        self._global_batches = _smallest_epoch(self._chunks, self._p)
+        self._global_batches = _epoch_length(self._chunks, self._p)
         self._per_replica = -(-self._global_batches // self._num_replicas)
 
         self._epoch = 0
@@ -304,8 +322,10 @@ class PKSampler(Sampler[list[int]]):
     def covers_all_samples(self) -> bool:
         """Whether every sample of every eligible class appears in each epoch (across all ranks).
 
-        False when some class holds more than ``1/p`` of all chunks: it can appear at
-        most once per batch, so only ``num_batches`` of its chunks fit in an epoch.
+        False when a few (fewer than ``p``) classes are too large for the rest: a class
+        appears at most once per batch, so only as many of its chunks fit in an epoch
+        as there are batches. It is True whenever no class holds more than about
+        ``1/p`` of the data.
         """
         return bool(self._chunks.max() <= self._global_batches)
 
@@ -459,7 +479,7 @@ class PKSampler(Sampler[list[int]]):
         position = np.where(position >= size, position - size, position)
         short = (size < k) & (np.arange(k) >= size)
         if short.any():  # classes with fewer than k samples: top up with replacement
-            position[short] = rng.integers(0, np.broadcast_to(size, short.shape)[short])
+            position[short] = _draw_below(rng, np.broadcast_to(size, short.shape)[short])
         samples = shuffled[starts[chunk_class][:, None] + position]
 
         # 3. Classes in random order, chunks laid down column by column.

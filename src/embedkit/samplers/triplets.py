@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._checks import as_label_array, check_choice, check_embeddings, check_int, check_real
 from ..similarity import METRICS, Metric, pairwise_distance
-from .pk import _shuffle_within
+from .pk import _draw_below, _shuffle_within
 
 __all__ = ["PairRule", "TripletSet", "build_triplets", "count_triplets"]
 
@@ -213,7 +213,7 @@ def build_triplets(
     if negatives == "random":
         # Uniform over the samples of every other class: skip the anchor's class block.
         n = label_array.size
-        draw = rng.integers(0, n - counts[anchor_class])
+        draw = _draw_below(rng, n - counts[anchor_class])
         draw += (draw >= starts[anchor_class]) * counts[anchor_class]
         negative = grouped[draw]
         num_semi_hard = 0
