@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -126,11 +127,11 @@ class _Roc:
     n_genuine: int
     n_impostor: int
 
-    @property
+    @cached_property
     def far(self) -> np.ndarray:
         return self.fps / self.n_impostor
 
-    @property
+    @cached_property
     def tar(self) -> np.ndarray:
         return self.tps / self.n_genuine
 
@@ -138,33 +139,47 @@ class _Roc:
 def _sort_descending(scores: np.ndarray, genuine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scores in decreasing order and the genuine flags that go with them.
 
-    Genuine and impostor scores are sorted separately with numpy's (SIMD) quicksort
-    and then merged by a stable argsort, which detects the two sorted runs and merges
-    them in linear time. This is several times faster than one argsort of all scores.
-    The order inside a group of tied scores is irrelevant: a tie is one threshold.
+    Genuine and impostor scores are sorted separately with numpy's (SIMD) quicksort,
+    then merged: the smaller sorted set finds its places in the larger one by binary
+    search, and both are written into those places. This is several times faster than
+    one argsort of all scores (and than scikit-learn's merge sort). The order inside a
+    group of tied scores is irrelevant: a tie is one threshold.
     """
-    genuine_sorted = np.sort(scores[genuine])
-    both = np.concatenate([genuine_sorted, np.sort(scores[~genuine])])
-    order = np.argsort(both, kind="stable")
-    return both[order][::-1], (order < genuine_sorted.shape[0])[::-1]
+    pos = np.sort(scores[genuine])
+    neg = np.sort(scores[~genuine])
+    small, large = (pos, neg) if pos.shape[0] <= neg.shape[0] else (neg, pos)
+    # Ascending merged index of each element of ``small``: the larger set's elements not
+    # above it come first, then the smaller set's own predecessors.
+    at = np.searchsorted(large, small, side="right") + np.arange(small.shape[0])
+    in_small = np.zeros(scores.shape[0], dtype=bool)
+    in_small[at] = True
+    merged = np.empty_like(scores)
+    merged[in_small] = small
+    merged[~in_small] = large
+    genuine_ascending = in_small if small is pos else ~in_small
+    return merged[::-1], genuine_ascending[::-1]
 
 
 def _roc_from_sorted(scores_desc: np.ndarray, genuine_desc: np.ndarray) -> _Roc:
     """Exact ROC counts from (non-empty) scores sorted in decreasing order.
 
-    Ties are one threshold: the counts are read at the last index of each run of equal scores.
+    Ties are one threshold: the counts are read at the last index of each run of equal
+    scores. Outputs are written in place, to keep temporaries of the input's size few.
     """
-    last_of_value = np.flatnonzero(scores_desc[1:] != scores_desc[:-1])
-    ends = np.append(last_of_value, scores_desc.shape[0] - 1)
-    tps = np.cumsum(genuine_desc, dtype=np.int64)[ends]
-    fps = ends + 1 - tps
-    return _Roc(
-        fps=np.concatenate([[0], fps]).astype(np.int64),
-        tps=np.concatenate([[0], tps]).astype(np.int64),
-        thresholds=np.concatenate([[np.inf], scores_desc[ends]]).astype(np.float64),
-        n_genuine=int(tps[-1]),
-        n_impostor=int(fps[-1]),
-    )
+    n = scores_desc.shape[0]
+    last_of_value = np.empty(n, dtype=bool)
+    np.not_equal(scores_desc[1:], scores_desc[:-1], out=last_of_value[:-1])
+    last_of_value[-1] = True
+    ends = np.flatnonzero(last_of_value)
+    tps = np.zeros(ends.shape[0] + 1, dtype=np.int64)
+    np.take(np.cumsum(genuine_desc, dtype=np.int64), ends, out=tps[1:])
+    fps = np.zeros_like(tps)
+    np.add(ends, 1, out=fps[1:])
+    fps[1:] -= tps[1:]
+    thresholds = np.empty(tps.shape[0], dtype=np.float64)
+    thresholds[0] = np.inf
+    thresholds[1:] = scores_desc[ends]
+    return _Roc(fps=fps, tps=tps, thresholds=thresholds, n_genuine=int(tps[-1]), n_impostor=int(fps[-1]))
 
 
 def _roc(scores: np.ndarray, genuine: np.ndarray) -> _Roc:
@@ -203,10 +218,13 @@ def roc_curve(scores: Any, is_genuine: Any) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def _auc(roc: _Roc) -> float:
-    """Trapezoid area under (FAR, TAR), from integer counts to avoid rounding drift."""
-    widths = np.diff(roc.fps).astype(np.float64)
-    heights = (roc.tps[1:] + roc.tps[:-1]).astype(np.float64)
-    return float(np.dot(widths, heights) / (2.0 * roc.n_genuine * roc.n_impostor))
+    """Trapezoid area under (FAR, TAR), summed exactly in integer counts, divided once.
+
+    Twice the area in units of pairs is sum(ΔFA · (TA_k + TA_(k+1))), an integer below
+    2 · n_genuine · n_impostor, so int64 holds it for any pair set that fits in memory.
+    """
+    twice_area = int(np.dot(np.diff(roc.fps), roc.tps[1:] + roc.tps[:-1]))
+    return twice_area / (2 * roc.n_genuine * roc.n_impostor)
 
 
 def _eer(roc: _Roc) -> float:
