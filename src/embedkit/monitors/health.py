@@ -9,24 +9,28 @@ images of the same identity (``paired_shortcut``), and NaN/inf rows (``non_finit
 
 What is exact and what is sampled
 ---------------------------------
-Exact over every row since the last reset (streaming sums, O(d²) memory):
+Exact over every row since the last reset (streaming sums, O(d) memory):
 
 * N, the norm statistics (Σ‖z‖, Σ‖z‖², min, max) and the non-finite row count;
-* the mean and the centred scatter matrix M = Σ(z − μ)(z − μ)ᵀ (float64), from which
-  the covariance M / N, its effective rank and first-component share follow. M is
-  ZᵀZ − Nμμᵀ, accumulated batch by batch with the pairwise update of Chan et al.
-  (1979) so that the tiny variance of nearly collapsed embeddings is not lost to
-  cancellation;
-* Σẑ and Σẑ² per dimension of the ℓ2-normalised embeddings ẑ, giving the mean
-  pairwise cosine over *all* pairs, (‖Σẑ‖² − Σ‖ẑ‖²) / (N(N − 1)), and the per-dimension
-  std of ẑ (SimSiam);
+* Σẑ of the ℓ2-normalised embeddings ẑ and the number of non-zero rows, giving the
+  mean pairwise cosine over *all* pairs, (‖Σẑ‖² − Σ‖ẑ‖²) / (N(N − 1));
 * with ``paired_embeddings``, the paired similarity mean cos(z_i, p_i).
+
+The covariance (O(d²) memory): the mean and the centred scatter matrix
+M = Σ(z − μ)(z − μ)ᵀ in float64, from which M / N, its effective rank and
+first-component share follow. M is ZᵀZ − Nμμᵀ, accumulated batch by batch with the
+pairwise update of Chan et al. (1979) so that the tiny variance of nearly collapsed
+embeddings is not lost to cancellation. It is exact with ``covariance_rows=None``; by
+default it takes the first 256 rows of each batch, because the d×d product of a
+whole batch of 1,024 costs about a sixth of an ArcFace forward+backward (see
+``benchmarks/bench_monitors.py``) — the rank estimate still converges as batches
+accumulate, and ``counts["covariance_samples"]`` says how many rows it rests on.
 
 Sampled, from the most recent ``sample_size`` rows (a ring buffer on the device,
 default 1,024 rows): every statistic that needs pairs of rows — the positive and
 negative similarity distributions with their AUC and d′, alignment and uniformity
-(Wang & Isola, 2020), and the same-identity / different-identity cross similarities
-of paired data. Their pair counts are reported.
+(Wang & Isola, 2020), the same-identity / different-identity cross similarities of
+paired data — and the per-dimension std of ẑ. Their pair counts are reported.
 
 :meth:`~EmbeddingHealthMonitor.update` makes no device-to-host sync; the interpretation
 happens in :meth:`~EmbeddingHealthMonitor.compute`.
@@ -44,7 +48,7 @@ from torch import Tensor
 
 from .._checks import check_embeddings, check_int, check_labels, check_matching_dim
 from ..evaluation.verification import roc_auc
-from ..similarity import l2_normalize, pairwise_similarity, working_dtype
+from ..similarity import _NORM_EPS, l2_normalize, pairwise_similarity, working_dtype
 from .diagnosis import Diagnosis
 from .report import MonitorReport
 
@@ -76,14 +80,15 @@ class _HealthState:
     n: Tensor
     seen: int
     non_finite_rows: Tensor
-    mean: Tensor  # (d,) float64
+    covariance_n: Tensor  # rows that entered the covariance
+    mean: Tensor  # (d,) float64, mean of those rows
     scatter: Tensor  # (d, d) float64, centred
     sum_sq_norm: Tensor
     sum_norm: Tensor
     min_norm: Tensor
     max_norm: Tensor
     sum_unit: Tensor  # (d,) Σẑ
-    sum_unit_sq: Tensor  # (d,) Σẑ² per dimension
+    nonzero: Tensor  # rows with a non-zero norm, = Σ‖ẑ‖²
     paired_count: Tensor
     paired_cos_sum: Tensor
     buffer: Tensor  # (S, d)
@@ -102,6 +107,9 @@ class EmbeddingHealthMonitor:
     sample_size : int
         Rows kept (the most recent ones) for the pairwise statistics; at least 2.
         The pair statistics of one ``compute()`` cost O(sample_size² · d).
+    covariance_rows : int or None
+        Rows of each batch (the first ones) that enter the covariance; ``None`` for
+        all rows (exact, about 4× the update cost at batch 1,024). Default 256.
 
     Examples
     --------
@@ -116,17 +124,19 @@ class EmbeddingHealthMonitor:
     Statistics (keys of the report):
 
     * exact: ``num_samples``, ``mean_norm``, ``norm_std``, ``min_norm``, ``max_norm``,
-      ``effective_rank`` (RankMe: σ_k = sqrt of the eigenvalues of the centred
-      covariance M / N, p_k = σ_k / Σσ + ε with ε = 1e-7, erank = exp(−Σ p_k log p_k);
+      ``mean_pairwise_cosine``, ``paired_similarity``;
+    * from the covariance (``covariance_rows`` of each batch): ``effective_rank``
+      (RankMe: σ_k = sqrt of the eigenvalues of the centred covariance M / N,
+      p_k = σ_k / Σσ + ε with ε = 1e-7, erank = exp(−Σ p_k log p_k);
       1 for rank-one data, at most min(N − 1, d), and **0 when the variance is zero**),
       ``first_pc_variance_share`` (largest eigenvalue / trace; NaN at zero variance),
       ``relative_variance`` (trace of the covariance / E‖z‖²: 0 when every embedding
-      is the same, 1 for centred data), ``mean_pairwise_cosine``, ``normalized_std``
-      (mean over dimensions of the std of ẑ; about 1/√d when isotropic, 0 when
-      collapsed), ``paired_similarity``;
-    * sampled: ``mean_positive_similarity``, ``mean_negative_similarity``,
-      ``positive_similarity_std``, ``negative_similarity_std``, ``auc`` (probability
-      that a same-label pair is more similar than a different-label pair, ties ½),
+      is the same, 1 for centred data);
+    * sampled: ``normalized_std`` (mean over dimensions of the std of ẑ; about 1/√d
+      when isotropic, 0 when collapsed), ``mean_positive_similarity``,
+      ``mean_negative_similarity``, ``positive_similarity_std``,
+      ``negative_similarity_std``, ``auc`` (probability that a same-label pair is more
+      similar than a different-label pair, ties ½),
       ``d_prime`` ((μ₊ − μ₋) / sqrt((σ₊² + σ₋²) / 2)), ``alignment`` (mean ‖ẑ_i − ẑ_j‖²
       over same-label pairs), ``uniformity`` (log mean exp(−2‖ẑ_i − ẑ_j‖²) over all
       pairs: 0 when collapsed, towards −4 when uniform on the sphere),
@@ -134,8 +144,11 @@ class EmbeddingHealthMonitor:
       cos(z_i, p_j), j ≠ i, same / different label).
     """
 
-    def __init__(self, sample_size: int = 1024) -> None:
+    def __init__(self, sample_size: int = 1024, *, covariance_rows: int | None = 256) -> None:
         self.sample_size = check_int(sample_size, "sample_size", low=2)
+        self.covariance_rows = (
+            None if covariance_rows is None else check_int(covariance_rows, "covariance_rows", low=2)
+        )
         self._state: _HealthState | None = None
         self._with_labels = False
         self._with_paired = False
@@ -156,6 +169,7 @@ class EmbeddingHealthMonitor:
             n=torch.zeros((), dtype=torch.int64, device=device),
             seen=0,
             non_finite_rows=torch.zeros((), dtype=torch.int64, device=device),
+            covariance_n=torch.zeros((), dtype=torch.int64, device=device),
             mean=f64(d),
             scatter=f64(d, d),
             sum_sq_norm=f64(),
@@ -163,7 +177,7 @@ class EmbeddingHealthMonitor:
             min_norm=f64(fill=math.inf),
             max_norm=f64(fill=-math.inf),
             sum_unit=f64(d),
-            sum_unit_sq=f64(d),
+            nonzero=torch.zeros((), dtype=torch.int64, device=device),
             paired_count=torch.zeros((), dtype=torch.int64, device=device),
             paired_cos_sum=f64(),
             buffer=torch.zeros((s, d), dtype=z.dtype, device=device),
@@ -214,19 +228,16 @@ class EmbeddingHealthMonitor:
         state = self._state
         self._check_consistent(state, z, labels is not None, paired_embeddings is not None)
         with torch.no_grad():
-            finite = torch.isfinite(z).all(dim=1)
-            z = torch.where(finite[:, None], z, torch.zeros_like(z))
+            z, finite = _zero_non_finite_rows(z)
+            inverse_norm = self._accumulate(state, z, finite)
             paired = None
             if paired_embeddings is not None:
-                paired = paired_embeddings.detach().to(dtype)
-                paired_finite = torch.isfinite(paired).all(dim=1)
-                paired = torch.where(paired_finite[:, None], paired, torch.zeros_like(paired))
-            self._accumulate(state, z, finite, paired)
-            if paired is not None:
-                both = (finite & paired_finite).to(dtype)
-                cos = (l2_normalize(z) * l2_normalize(paired)).sum(dim=1)
-                state.paired_cos_sum += (cos * both).sum().double()
-                state.paired_count += both.sum().long()
+                paired, paired_finite = _zero_non_finite_rows(paired_embeddings.detach().to(dtype))
+                both = finite & paired_finite
+                paired_norm = torch.linalg.vector_norm(paired, dim=1)
+                cos = (z * paired).sum(dim=1) * inverse_norm * _inverse(paired_norm)
+                state.paired_cos_sum += torch.where(both, cos, 0.0).double().sum()
+                state.paired_count += both.sum()
             self._store_sample(state, z, finite, labels, paired)
             state.seen += b
 
@@ -253,30 +264,38 @@ class EmbeddingHealthMonitor:
                     "or in none since the last reset()"
                 )
 
-    @staticmethod
-    def _accumulate(state: _HealthState, z: Tensor, finite: Tensor, paired: Tensor | None) -> None:
-        weight = finite.to(z.dtype)
-        nb = weight.sum()
-        batch_mean = z.sum(dim=0) / nb.clamp_min(1)
-        centred = (z - batch_mean) * weight[:, None]
-        batch_scatter = (centred.T @ centred).double()
-        total = state.n.double() + nb.double()
-        delta = batch_mean.double() - state.mean
-        share = nb.double() / total.clamp_min(1)
-        state.mean += delta * share
-        state.scatter += batch_scatter + torch.outer(delta, delta) * (state.n.double() * share)
-        state.n += nb.long()
+    def _accumulate(self, state: _HealthState, z: Tensor, finite: Tensor) -> Tensor:
+        """Add a batch (non-finite rows zeroed) to the exact sums; return 1 / row norms (0 for zero rows)."""
+        state.n += finite.sum()
         state.non_finite_rows += (~finite).sum()
 
+        rows = z.shape[0] if self.covariance_rows is None else min(self.covariance_rows, z.shape[0])
+        head, weight = z[:rows], finite[:rows].to(z.dtype)
+        nb = weight.sum()
+        batch_mean = head.sum(dim=0) / nb.clamp_min(1)
+        # head - mean on finite rows, 0 on the zeroed ones: one fused pass.
+        centred = torch.addmm(head, weight[:, None], batch_mean[None, :], alpha=-1)
+        # Chan et al.'s pairwise update of the mean and centred scatter, in float64:
+        # M += M_batch + n·n_b/(n + n_b) · δδᵀ with δ = batch mean − running mean.
+        total = state.covariance_n.double() + nb.double()
+        delta = batch_mean.double() - state.mean
+        share = nb.double() / total.clamp_min(1)
+        state.scatter.add_(centred.T @ centred)
+        state.scatter.addmm_((delta * (state.covariance_n.double() * share))[:, None], delta[None, :])
+        state.mean += delta * share
+        state.covariance_n += nb.long()
+
         norms = torch.linalg.vector_norm(z, dim=1)
-        state.sum_norm += (norms * weight).sum().double()
-        state.sum_sq_norm += (norms * norms * weight).sum().double()
-        inf = torch.full_like(norms, math.inf)
-        state.min_norm = torch.minimum(state.min_norm, torch.where(finite, norms, inf).min().double())
-        state.max_norm = torch.maximum(state.max_norm, torch.where(finite, norms, -inf).max().double())
-        unit = l2_normalize(z)  # non-finite rows were zeroed, so they add nothing here
-        state.sum_unit += unit.sum(dim=0).double()
-        state.sum_unit_sq += (unit * unit).sum(dim=0).double()
+        state.sum_norm += norms.double().sum()  # zeroed rows add nothing
+        state.sum_sq_norm += (norms.double() ** 2).sum()
+        state.min_norm = torch.minimum(state.min_norm, torch.where(finite, norms, math.inf).min().double())
+        state.max_norm = torch.maximum(state.max_norm, norms.max().double())
+        # Σẑ = Σ z_i / ‖z_i‖ with zero rows left out, as l2_normalize does, as one
+        # vector-matrix product (the norms are needed above anyway).
+        inverse_norm = _inverse(norms)
+        state.sum_unit += (inverse_norm @ z).double()
+        state.nonzero += (inverse_norm > 0).sum()
+        return inverse_norm
 
     def _store_sample(
         self, state: _HealthState, z: Tensor, finite: Tensor, labels: Tensor | None, paired: Tensor | None
@@ -333,12 +352,15 @@ class EmbeddingHealthMonitor:
                 "embedding health", {}, counts=counts, notes=notes, diagnoses=tuple(diagnoses)
             )
 
-        metrics = self._global_statistics(s, n, d)
+        nc = int(s.covariance_n)
+        counts["covariance_samples"] = nc
+        metrics = self._global_statistics(s, n, nc)
         caution = None
-        if n < SAMPLES_PER_DIM * d:
+        if nc < SAMPLES_PER_DIM * d:
             caution = (
-                f"N = {n} samples for d = {d} dimensions: the effective rank is at most N - 1 = {n - 1} and "
-                f"biased low until N is well above d (aim for N >= {SAMPLES_PER_DIM * d})"
+                f"N = {nc} samples in the covariance for d = {d} dimensions: the effective rank is at "
+                f"most N - 1 = {nc - 1} and biased low until N is well above d "
+                f"(aim for N >= {SAMPLES_PER_DIM * d})"
             )
             notes.append(caution)
         sample = self._sample_statistics(s)
@@ -350,7 +372,7 @@ class EmbeddingHealthMonitor:
         if collapse is not None:
             diagnoses.append(collapse)
         else:
-            dimensional = _dimensional_collapse(metrics, n, d, sample.num_label_classes, caution)
+            dimensional = _dimensional_collapse(metrics, nc, d, sample.num_label_classes, caution)
             if dimensional is not None:
                 diagnoses.append(dimensional)
         separation = _no_separation(metrics, sample.counts)
@@ -364,9 +386,10 @@ class EmbeddingHealthMonitor:
         )
 
     @staticmethod
-    def _global_statistics(s: _HealthState, n: int, d: int) -> dict[str, float]:
+    def _global_statistics(s: _HealthState, n: int, nc: int) -> dict[str, float]:
         # numpy's LAPACK call: several times faster than torch.linalg.eigvalsh on CPU here.
-        eigenvalues = torch.from_numpy(np.linalg.eigvalsh((s.scatter / n).cpu().numpy())).clamp_min(0.0)
+        covariance = (s.scatter / max(nc, 1)).cpu().numpy()
+        eigenvalues = torch.from_numpy(np.linalg.eigvalsh(covariance)).clamp_min(0.0)
         trace = float(eigenvalues.sum())
         mean_sq_norm = float(s.sum_sq_norm) / n
         relative_variance = trace / mean_sq_norm if mean_sq_norm > 0 else 0.0
@@ -380,9 +403,6 @@ class EmbeddingHealthMonitor:
             first_share = float(eigenvalues.max()) / trace
         mean_norm = float(s.sum_norm) / n
         unit_sum = s.sum_unit.cpu()
-        unit_sq = s.sum_unit_sq.cpu()
-        unit_mean = unit_sum / n
-        per_dim_std = (unit_sq / n - unit_mean**2).clamp_min(0.0).sqrt()
         metrics = {
             "num_samples": float(n),
             "mean_norm": mean_norm,
@@ -392,10 +412,10 @@ class EmbeddingHealthMonitor:
             "effective_rank": effective_rank,
             "first_pc_variance_share": first_share,
             "relative_variance": min(relative_variance, 1.0),
+            # (‖Σẑ‖² − Σ‖ẑ‖²) / (N(N − 1)), with Σ‖ẑ‖² = the number of non-zero rows.
             "mean_pairwise_cosine": (
-                (float(unit_sum @ unit_sum) - float(unit_sq.sum())) / (n * (n - 1)) if n > 1 else math.nan
+                (float(unit_sum @ unit_sum) - int(s.nonzero)) / (n * (n - 1)) if n > 1 else math.nan
             ),
-            "normalized_std": float(per_dim_std.mean()),
         }
         if int(s.paired_count) > 0:
             metrics["paired_similarity"] = float(s.paired_cos_sum) / int(s.paired_count)
@@ -410,6 +430,8 @@ class EmbeddingHealthMonitor:
         if m < 2:
             return out
         upper = torch.triu(torch.ones(m, m, dtype=torch.bool, device=z.device), diagonal=1)
+        unit = l2_normalize(z)
+        out.metrics["normalized_std"] = float(unit.double().std(dim=0, correction=0).mean())
         cos = pairwise_similarity(z)
         unit_sq_dist = (2.0 - 2.0 * cos).clamp_min(0.0)
         # Uniformity: log of the mean of exp(-2 ||ẑ_i - ẑ_j||²) over all pairs i < j.
@@ -447,6 +469,19 @@ class EmbeddingHealthMonitor:
                     cross[different_identity].double().mean()
                 )
         return out
+
+
+def _zero_non_finite_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows with NaN/inf set to zero, and which rows were finite (no host sync)."""
+    # A row holds NaN/inf exactly when its sum does (or when the sum overflows, which
+    # needs values near 1e35): one reduction instead of an element-wise isfinite.
+    finite = torch.isfinite(x.sum(dim=1))
+    return torch.where(finite[:, None], x, 0.0), finite
+
+
+def _inverse(norms: Tensor) -> Tensor:
+    """1 / norm, and 0 for (near-)zero norms, matching :func:`~embedkit.similarity.l2_normalize`."""
+    return torch.where(norms > _NORM_EPS, 1.0 / norms.clamp_min(_NORM_EPS), 0.0)
 
 
 @dataclass
@@ -500,7 +535,7 @@ def _complete_collapse(metrics: dict[str, float], n: int) -> Diagnosis | None:
             "relative_variance": metrics["relative_variance"],
             "zero_variance_threshold": ZERO_VARIANCE,
             "effective_rank": metrics["effective_rank"],
-            "normalized_std": metrics["normalized_std"],
+            "normalized_std": metrics.get("normalized_std", math.nan),
             "mean_norm": metrics["mean_norm"],
             "samples": n,
         },

@@ -1,0 +1,111 @@
+"""Monitor update time as a fraction of one loss forward+backward.
+
+At batch 1,024 and d=512 (float32), each monitor's ``update`` is timed against one
+forward+backward of ``ArcFaceLoss(1000, 512)`` and of ``SupConLoss(0.1)`` on P×K
+batches (256 classes × 4). The measurements are interleaved (loss, monitors, loss,
+...) so that a busy machine slows both alike; the table shows medians and the ratio
+update / loss (below 0.10 is the target on CPU). ``ClassCollapseMonitor`` gets
+precomputed logits (computing them is one extra matmul of the head, listed
+separately as "ArcFaceLoss.logits").
+
+    python benchmarks/bench_monitors.py [--quick] [--batch-size 1024] [--dim 512] [--device cpu] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import embedkit as ek
+from embedkit.monitors import ClassCollapseMonitor, EmbeddingHealthMonitor, LossMonitor
+
+NUM_CLASSES = 1000
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
+    def run(fn: Callable[[], object]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="5 repetitions instead of 21")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = 5 if args.quick else 21
+    torch.manual_seed(0)
+    b, d = args.batch_size, args.dim
+
+    base = torch.randn(b, d, device=device)
+    class_labels = torch.randint(0, NUM_CLASSES, (b,), device=device)
+    pk_labels = torch.arange(b // 4, device=device).repeat_interleave(4)[torch.randperm(b, device=device)]
+    paired = base + 0.1 * torch.randn(b, d, device=device)
+    arcface = ek.ArcFaceLoss(NUM_CLASSES, d).to(device)
+    supcon = ek.SupConLoss(0.1)
+    with torch.no_grad():
+        logits = arcface.logits(base)
+
+    def loss_step(loss: torch.nn.Module, labels: torch.Tensor) -> Callable[[], object]:
+        def step() -> None:
+            z = base.clone().requires_grad_(True)
+            loss(z, labels).backward()
+
+        return step
+
+    collapse = ClassCollapseMonitor(NUM_CLASSES)
+    health = EmbeddingHealthMonitor()
+    health_paired = EmbeddingHealthMonitor()
+    health_exact = EmbeddingHealthMonitor(covariance_rows=None)
+    loss_monitor = LossMonitor()
+    counter = iter(range(10**9))
+    cases: dict[str, Callable[[], object]] = {
+        "ArcFaceLoss(1000, d) fwd+bwd": loss_step(arcface, class_labels),
+        "SupConLoss(0.1) fwd+bwd": loss_step(supcon, pk_labels),
+        "ArcFaceLoss.logits (no grad)": lambda: arcface.logits(base.detach()),
+        "ClassCollapseMonitor.update": lambda: collapse.update(logits, class_labels),
+        "EmbeddingHealthMonitor.update": lambda: health.update(base, pk_labels),
+        "  ... with paired_embeddings": lambda: health_paired.update(base, pk_labels, paired),
+        "  ... covariance_rows=None (exact)": lambda: health_exact.update(base, pk_labels),
+        "LossMonitor.update (LossSum stats)": lambda: loss_monitor.update(next(counter), arcface),
+    }
+    timer = _timer(device)
+    for fn in cases.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name].append(timer(fn))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    arc, sup = median["ArcFaceLoss(1000, d) fwd+bwd"], median["SupConLoss(0.1) fwd+bwd"]
+
+    print(f"batch {b}, d={d}, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {repeats}")  # fmt: skip
+    print(f"{'':38} {'ms':>8} {'/ ArcFace':>10} {'/ SupCon':>10}")
+    for name, seconds in median.items():
+        print(f"{name:38} {1e3 * seconds:8.2f} {seconds / arc:10.3f} {seconds / sup:10.3f}")
+    total = sum(median[k] for k in ("ClassCollapseMonitor.update", "EmbeddingHealthMonitor.update"))
+    print(f"{'collapse + health updates':38} {1e3 * total:8.2f} {total / arc:10.3f} {total / sup:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
