@@ -472,15 +472,20 @@ class PKSampler(Sampler[list[int]]):
         first_chunk = np.cumsum(used) - used
         chunk_class = np.repeat(np.arange(num_classes), used)
         chunk_rank = np.arange(num_chunks) - np.repeat(first_chunk, used)
-        size = counts[chunk_class][:, None]
         position = chunk_rank[:, None] * k + np.arange(k)
+        # Only a class's last chunk can run past its samples; fix those rows alone.
+        last = first_chunk + used - 1
+        tail = position[last]
+        size = counts[:, None]
         # A short last chunk wraps round to the class's first (shuffled) samples:
         # distinct from the chunk's own samples because the class has >= k samples.
-        position = np.where(position >= size, position - size, position)
+        tail = np.where(tail >= size, tail - size, tail)
         short = (size < k) & (np.arange(k) >= size)
         if short.any():  # classes with fewer than k samples: top up with replacement
-            position[short] = _draw_below(rng, np.broadcast_to(size, short.shape)[short])
-        samples = shuffled[starts[chunk_class][:, None] + position]
+            tail[short] = _draw_below(rng, np.broadcast_to(size, short.shape)[short])
+        position[last] = tail
+        position += starts[chunk_class][:, None]
+        samples = shuffled[position]
 
         # 3. Classes in random order, chunks laid down column by column.
         class_order = rng.permutation(num_classes)
