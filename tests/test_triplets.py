@@ -148,6 +148,10 @@ def test_semi_hard_negatives_follow_the_definition(
         labels, negatives="semi_hard", embeddings=embeddings.numpy(), margin=margin, metric=metric
     )
     np.testing.assert_array_equal(again.indices, result.indices)
+    flipped = build_triplets(  # a strided (negative-stride) array view is accepted too
+        labels, negatives="semi_hard", embeddings=embeddings.numpy()[:, ::-1], margin=margin, metric=metric
+    )
+    check_triplets(flipped.indices, labels)
 
 
 def test_semi_hard_falls_back_to_the_farthest_negative_when_all_are_closer() -> None:

@@ -176,7 +176,7 @@ def build_triplets(
                 "negatives='semi_hard' needs embeddings of shape (n_samples, embedding_dim); got None"
             )
         if isinstance(embeddings, np.ndarray):
-            embeddings = torch.from_numpy(embeddings)
+            embeddings = torch.from_numpy(np.ascontiguousarray(embeddings))
         embedding_tensor = check_embeddings(embeddings, "embeddings")
         if embedding_tensor.shape[0] != label_array.size:
             raise ValueError(
