@@ -320,6 +320,20 @@ def test_shards_split_an_exact_layout_into_disjoint_sample_sets(replicas: int) -
     assert set().union(*sets) == set(range(labels.size))
 
 
+def test_a_state_saved_by_rank_0_resumes_every_rank() -> None:
+    labels = long_tailed()
+    ranks = [PKSampler(labels, 5, 3, seed=4, num_replicas=3, rank=r) for r in range(3)]
+    full = [as_list(s) for s in ranks]
+    iterator = iter(ranks[0])
+    for _ in range(2):
+        next(iterator)
+    state = ranks[0].state_dict()
+    for rank in range(3):
+        resumed = PKSampler(labels, 5, 3, num_replicas=3, rank=rank)
+        resumed.load_state_dict(state)
+        assert as_list(resumed) == full[rank][2:]
+
+
 def test_replicas_and_rank_are_read_from_torch_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
