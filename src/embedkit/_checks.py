@@ -124,7 +124,7 @@ def check_labels(
 
     Returns
     -------
-    Tensor of shape (num_rows,) and an integer dtype
+    Tensor of shape (num_rows,) and dtype int64
     """
     if not isinstance(labels, Tensor):
         if isinstance(labels, (str, bytes)) or not isinstance(labels, (Collection, np.ndarray)):
@@ -147,9 +147,9 @@ def check_labels(
             f"{name} has {labels.shape[0]} entries but {rows_name} has {num_rows} rows; "
             "expected one label per embedding"
         )
-    if device is not None and labels.device != device:
-        labels = labels.to(device)
-    return labels
+    # int64 whatever integer dtype came in: cross_entropy, gather and one_hot take
+    # no other index dtype.
+    return labels.to(device=labels.device if device is None else device, dtype=torch.int64)
 
 
 def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> Tensor:

@@ -140,8 +140,11 @@ def pairwise_distance(
         exactly 0 for identical rows, with a zero (finite) gradient there.
     """
     check_choice(metric, "metric", METRICS)
-    if metric in ("cosine", "dot"):
-        return (1.0 if metric == "cosine" else 0.0) - pairwise_similarity(x, y, metric=metric)
+    if metric == "cosine":
+        # Rounding can put a cosine a few ulp outside [-1, 1]; a distance is never negative.
+        return (1.0 - pairwise_similarity(x, y, metric="cosine")).clamp(0.0, 2.0)
+    if metric == "dot":
+        return -pairwise_similarity(x, y, metric="dot")
     x, y, same = _prepare(x, y)
     with _full_precision(x.device):
         if normalize:

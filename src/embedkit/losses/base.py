@@ -32,6 +32,7 @@ from .._checks import (
     check_real,
 )
 from ..mining import pair_masks
+from ..similarity import working_dtype
 
 __all__ = ["ClassifierLoss", "Loss", "LossSum", "PairBatch", "PairLoss"]
 
@@ -103,8 +104,12 @@ class Loss(nn.Module):
 
     @staticmethod
     def _zero(embeddings: Tensor) -> Tensor:
-        """A zero loss still attached to the graph, so ``backward()`` works."""
-        return embeddings.sum() * 0.0
+        """A zero loss still attached to the graph, so ``backward()`` works.
+
+        In the working dtype (float32, float64 for float64 inputs), the dtype of every
+        non-zero value: a batch without pairs must not return a float16 loss.
+        """
+        return embeddings.to(working_dtype(embeddings.dtype)).sum() * 0.0
 
 
 class LossSum(Loss):
