@@ -324,8 +324,8 @@ class PKSampler(Sampler[list[int]]):
 
         False when a few (fewer than ``p``) classes are too large for the rest: a class
         appears at most once per batch, so only as many of its chunks fit in an epoch
-        as there are batches. It is True whenever no class holds more than about
-        ``1/p`` of the data.
+        as there are batches. It is True whenever no class holds more than ``1/p`` of
+        the samples.
         """
         return bool(self._chunks.max() <= self._global_batches)
 
