@@ -399,12 +399,14 @@ def test_make_pairs_image_ids_exclude_same_source() -> None:
     # Items 0/1 are one photo and its copy, 2/3 another: never paired with each other.
     labels = np.array([0, 0, 0, 0, 1, 1, 2])
     image_ids = np.array([10, 10, 11, 11, 12, 13, 14])
-    for max_impostors in (None, 3):
+    n_impostor = 7 * 6 // 2 - 6 - 1  # every different-label pair: 14
+    # None: all; 3: rejection sampling; 10: enumeration then a random subset.
+    for max_impostors in (None, 3, 10, 14):
         first, second, genuine = make_pairs(labels, image_ids=image_ids, max_impostors=max_impostors)
         assert not (image_ids[first] == image_ids[second]).any()
         assert genuine.sum() == 4 + 1  # {0,1}x{2,3} and (4,5)
-    first, second, genuine = make_pairs(labels, image_ids=image_ids)
-    assert (~genuine).sum() == 7 * 6 // 2 - 6 - 1  # every different-label pair
+        assert (~genuine).sum() == min(n_impostor, max_impostors or n_impostor)
+        assert (labels[first[~genuine]] != labels[second[~genuine]]).all()
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared_euclidean"])

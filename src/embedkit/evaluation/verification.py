@@ -70,6 +70,8 @@ DEFAULT_FAR_TARGETS: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
 _PAIR_CHUNK_ELEMENTS = 1 << 22
 # Cells of the boolean label-comparison block when enumerating all impostor pairs.
 _ENUMERATION_BLOCK = 1 << 24
+# Random pairs drawn per round of impostor rejection sampling (bounds its memory).
+_MAX_DRAWS = 1 << 24
 
 
 # --------------------------------------------------------------------------- inputs
@@ -107,7 +109,19 @@ def _check_far_targets(far_targets: Any) -> tuple[float, ...]:
 
 
 def far_key(far: float) -> str:
-    """The report key of TAR at a FAR target, with the FAR as a plain decimal: ``"tar@far=0.001"``."""
+    """The report key of TAR at a FAR target, with the FAR written as a plain decimal.
+
+    Parameters
+    ----------
+    far : float
+        A FAR target, e.g. ``1e-3``.
+
+    Returns
+    -------
+    str
+        e.g. ``"tar@far=0.001"``; the threshold achieving it is under
+        ``"threshold@far=0.001"``.
+    """
     return f"tar@far={np.format_float_positional(far, trim='-')}"
 
 
@@ -654,7 +668,7 @@ def _sample_impostor_pairs(
     accept_probability = 2.0 * n_impostor / (float(n) * n)
     codes = np.empty(0, dtype=np.int64)
     while codes.shape[0] < count:
-        draws = int(1.25 * (count - codes.shape[0]) / accept_probability) + 64
+        draws = min(int(1.25 * (count - codes.shape[0]) / accept_probability) + 64, _MAX_DRAWS)
         i = rng.integers(0, n, size=draws)
         j = rng.integers(0, n, size=draws)
         keep = labels[i] != labels[j]
