@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,7 @@ pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 from pytorch_metric_learning.distances import CosineSimilarity, LpDistance  # noqa: E402
 from pytorch_metric_learning.reducers import MeanReducer  # noqa: E402
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu  # noqa: E402
 
 # -- pair losses -------------------------------------------------------------------
 
@@ -56,7 +58,8 @@ class PairCase:
     # the gradient summed over each group of equal rows is compared.
     selects_by_max: bool = False
     # Largest batch to run PML on (its NT-Xent builds a positive-pairs x negative-pairs
-    # matrix, seconds per call on a long-tailed batch of 96).
+    # matrix, seconds per call on a long-tailed batch of 96; soft-margin triplets over
+    # all N^3 triplets are the next slowest).
     max_n: int = 1000
 
     def run_pml(self, x, y, r=None, ry=None):
@@ -104,11 +107,13 @@ PAIR_CASES = [
         "triplet-all-soft",
         lambda: ek.TripletMarginLoss(0.1, mining="all", soft_margin=True),
         _triplet(0.1, smooth_loss=True, reducer=MeanReducer()),
+        max_n=64,
     ),
     PairCase(
         "triplet-batch_all-soft",
         lambda: ek.TripletMarginLoss(0.0, soft_margin=True),
         _triplet(0.0, smooth_loss=True),
+        max_n=64,
     ),
     PairCase(
         "triplet-batch_all-cosine",
@@ -222,6 +227,30 @@ def test_pair_loss_equals_pml_on_degenerate_batches(case: PairCase, layout: str)
         _compare_pair(case, x, y, group_duplicates=True)
 
 
+@pytest.mark.parametrize("case", PAIR_CASES, ids=repr)
+def test_pair_loss_equals_pml_on_tiny_batches(case: PairCase) -> None:
+    # Two to six items in one to three dimensions, three labels: many rows with no
+    # positive or no negative, and (in one dimension, normalised) many exact ties. Every
+    # other batch has a reference set of one to four items. Batches where PML takes its
+    # "at most one pair of each kind" shortcut are left to the hand-made tests below.
+    rng = np.random.default_rng(7)
+    compared = 0
+    while compared < 8:
+        n, d = int(rng.integers(2, 7)), int(rng.integers(1, 4))
+        y = torch.as_tensor(rng.integers(0, 3, n))
+        x = torch.as_tensor(rng.standard_normal((n, d)))
+        r = ry = None
+        if compared % 2:
+            m = int(rng.integers(1, 5))
+            ry = torch.as_tensor(rng.integers(0, 3, m))
+            r = torch.as_tensor(rng.standard_normal((m, d)))
+        pairs = case.pml_miner()(x, y, r, ry) if case.pml_miner else lmu.get_all_pairs_indices(y, ry)
+        if all(len(t) <= 1 for t in pairs):
+            continue
+        _compare_pair(case, x, y, r, ry, group_duplicates=True)
+        compared += 1
+
+
 @pytest.mark.parametrize(
     "case",
     [c for c in PAIR_CASES if c.name.split("-")[0] in ("triplet", "supcon", "ntxent", "circle")],
@@ -280,6 +309,22 @@ def test_single_pair_reference_batch_is_not_zero() -> None:
     d_ap, d_an = math.dist((1, 0), (0.6, 0.8)), math.dist((1, 0), (0.8, -0.6))
     ours = ek.ContrastiveLoss(0.0, 1.5)(x, y, ref_embeddings=r, ref_labels=ry)
     assert ours.item() == pytest.approx(d_ap + (1.5 - d_an), rel=1e-12)
+
+
+def test_multi_similarity_mining_one_pair_of_each_kind_is_not_zero() -> None:
+    # The same PML shortcut in self mode: mining is not symmetric, so it can keep just
+    # one positive pair (0, 1) and one negative pair (0, 2); PML then returns 0. We
+    # compute the formula: anchor 0's two terms, averaged over the 3 anchors.
+    angles = torch.tensor([0.0, 0.5, -0.55], dtype=torch.float64)
+    x = torch.stack([angles.cos(), angles.sin()], dim=1)
+    y = torch.tensor([0, 0, 1])
+    mined = pml_miners.MultiSimilarityMiner(0.1)(x, y)
+    assert [t.tolist() for t in mined] == [[0], [1], [0], [2]]
+    assert float(pml_losses.MultiSimilarityLoss()(x, y, mined)) == 0.0
+    s_ap, s_an = math.cos(0.5), math.cos(0.55)
+    anchor_0 = math.log1p(math.exp(-2 * (s_ap - 0.5))) / 2 + math.log1p(math.exp(50 * (s_an - 0.5))) / 50
+    expected = anchor_0 / 3
+    assert ek.MultiSimilarityLoss()(x, y).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_batch_given_as_its_own_reference_set_keeps_self_pairs() -> None:
