@@ -262,3 +262,13 @@ def test_relabelling_changes_nothing(case, offset: int) -> None:
     b = retrieval_metrics(x, permuted)
     for key in a:
         assert a[key] == pytest.approx(b[key], abs=1e-12), key
+
+
+def test_k_beyond_the_reference_set_divides_by_k() -> None:
+    x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], dtype=np.float32)
+    y = np.array([1, 1, 2, 2])
+    report = retrieval_metrics(x, y, ks=(1, 5))  # 3 references available per query
+    assert report["recall@5"] == 1.0
+    assert report.rate("precision@5").hits == 4 and report["precision@5"] == pytest.approx(4 / 20)
+    assert report.rate("recall@5").chance == 1.0  # three draws from three always include the one relevant
+    assert any("fewer than k=5" in note for note in report.notes)
