@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 from .._checks import check_choice
 from ..evaluation.report import _plain
 
-__all__ = ["DOCS_URL", "SEVERITIES", "Diagnosis", "Severity", "docs_link"]
+__all__ = ["CODES", "DOCS_URL", "SEVERITIES", "Diagnosis", "Severity", "docs_link"]
 
 Severity = Literal["info", "warning", "error"]
 SEVERITIES: tuple[str, ...] = get_args(Severity)
@@ -26,6 +26,24 @@ SEVERITIES: tuple[str, ...] = get_args(Severity)
 #: The guide every ``Diagnosis.docs`` link points into; the anchor is the code with
 #: underscores written as hyphens (``class_collapse`` → ``#class-collapse``).
 DOCS_URL = "https://embedkit.readthedocs.io/en/latest/guides/reading-the-diagnoses.html"
+
+
+#: Every code embedkit's monitors emit; each has a section in the guide.
+CODES: tuple[str, ...] = (
+    "class_collapse",
+    "at_chance",
+    "below_chance",
+    "overconfident",
+    "complete_collapse",
+    "dimensional_collapse",
+    "no_separation",
+    "paired_shortcut",
+    "loss_at_margin",
+    "no_positive_pairs",
+    "no_active_triplets",
+    "loss_falling_at_chance",
+    "non_finite",
+)
 
 
 def docs_link(code: str) -> str:
