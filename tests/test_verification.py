@@ -287,6 +287,24 @@ def test_kfold_leave_one_out_matches_brute_force() -> None:
     assert report["accuracy"] == pytest.approx(hits / 40)
 
 
+def test_kfold_midpoint_between_adjacent_float32_scores() -> None:
+    # Impostors at a, genuine pairs at the next float32 above a: the midpoint threshold must not
+    # be rounded to float32 (onto a), which would accept every held-out impostor.
+    a = np.float32(0.1)
+    if a.view(np.int32) % 2:  # make the halfway point round (ties-to-even) down onto a in float32
+        a = np.nextafter(a, np.float32(1))
+    b = np.nextafter(a, np.float32(1))
+    assert np.float32((float(a) + float(b)) / 2) == a
+    scores = np.array([a] * 10 + [b] * 10, dtype=np.float32)
+    genuine = np.r_[np.zeros(10, dtype=bool), np.ones(10, dtype=bool)]
+    report = kfold_accuracy(scores, genuine, n_folds=5)
+    assert report["accuracy"] == 1.0
+    assert (report.curves["fold_threshold"] > float(a)).all()
+    assert (
+        val_far_at_threshold(scores, genuine, (float(a) + float(b)) / 2, score_kind="similarity")["far"] == 0
+    )
+
+
 def test_kfold_reproducible_stratified_and_sane() -> None:
     scores, genuine = random_case(1, n=600)
     a = kfold_accuracy(scores, genuine, n_folds=10, seed=7)
@@ -407,6 +425,28 @@ def test_make_pairs_image_ids_exclude_same_source() -> None:
         assert genuine.sum() == 4 + 1  # {0,1}x{2,3} and (4,5)
         assert (~genuine).sum() == min(n_impostor, max_impostors or n_impostor)
         assert (labels[first[~genuine]] != labels[second[~genuine]]).all()
+
+
+def test_make_pairs_large_n_never_builds_n_squared() -> None:
+    # 100k items: an N x N matrix would need 1e10 cells; sampling needs memory for the pairs only.
+    labels = np.repeat(np.arange(20_000), 5)
+    first, second, genuine = make_pairs(labels, max_impostors=100_000, seed=0)
+    assert genuine.sum() == 20_000 * 10 and (~genuine).sum() == 100_000
+    assert (labels[first[~genuine]] != labels[second[~genuine]]).all()
+    assert (first < second).all() and len(np.unique(first * 100_000 + second)) == len(first)
+
+
+def test_pair_scores_in_several_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedkit.evaluation.verification as verification
+
+    rng = np.random.default_rng(1)
+    emb = torch.from_numpy(rng.normal(size=(50, 4)))
+    first, second = rng.integers(0, 50, 1001), rng.integers(0, 50, 1001)
+    expected = pair_scores(emb, (first, second))
+    monkeypatch.setattr(verification, "_PAIR_CHUNK_ELEMENTS", 4 * 7)  # 7 pairs per chunk
+    np.testing.assert_array_equal(pair_scores(emb, (first, second)), expected)
+    full = pairwise_similarity(emb).numpy()
+    np.testing.assert_allclose(expected, full[first, second], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared_euclidean"])

@@ -501,6 +501,8 @@ def val_far_at_threshold(
     check_choice(score_kind, "score_kind", ("distance", "similarity"))
     scores, genuine = _check_pairs_input(values, is_genuine, "values")
     threshold = check_real(threshold, "threshold")
+    # Compared in float64: a float32 array would otherwise round the threshold to float32.
+    scores = scores.astype(np.float64, copy=False)
     accepted = scores <= threshold if score_kind == "distance" else scores >= threshold
     n = genuine.shape[0]
     n_genuine = int(np.count_nonzero(genuine))
@@ -574,6 +576,8 @@ def kfold_accuracy(scores: Any, is_genuine: Any, *, n_folds: int = 10, seed: int
         shape (n_folds,), and ``"fold_of_pair"`` of shape (n_pairs,): each pair's fold.
     """
     values, genuine = _check_pairs_input(scores, is_genuine)
+    # float64, so that a midpoint threshold between two float32 scores is not rounded onto one.
+    values = values.astype(np.float64, copy=False)
     n = genuine.shape[0]
     n_folds = check_int(n_folds, "n_folds", low=2, high=n)
     seed = check_int(seed, "seed", low=0)
