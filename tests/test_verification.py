@@ -417,6 +417,11 @@ def test_make_pairs_image_ids_exclude_same_source() -> None:
     # Items 0/1 are one photo and its copy, 2/3 another: never paired with each other.
     labels = np.array([0, 0, 0, 0, 1, 1, 2])
     image_ids = np.array([10, 10, 11, 11, 12, 13, 14])
+    file_names = np.array(["a.jpg", "a.jpg", "b.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"])
+    expected = make_pairs(labels, image_ids=image_ids)
+    for ids in (file_names, torch.from_numpy(image_ids)):
+        for got, want in zip(make_pairs(labels, image_ids=ids), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
     n_impostor = 7 * 6 // 2 - 6 - 1  # every different-label pair: 14
     # None: all; 3: rejection sampling; 10: enumeration then a random subset.
     for max_impostors in (None, 3, 10, 14):
@@ -507,7 +512,7 @@ def test_bad_arguments_are_named() -> None:
         make_pairs([0.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="at least 2"):
         make_pairs([4])
-    with pytest.raises(ValueError, match="image_ids has 2 entries"):
+    with pytest.raises(ValueError, match=r"image_ids must have shape \(3,\)"):
         make_pairs([0, 1, 1], image_ids=[0, 1])
     with pytest.raises(ValueError, match="max_impostors must lie in"):
         make_pairs([0, 1, 1], max_impostors=-1)
@@ -518,5 +523,5 @@ def test_bad_arguments_are_named() -> None:
         pair_scores(emb, np.array([0, 1, 2]))
     with pytest.raises(ValueError, match="metric must be one of"):
         pair_scores(emb, ([0], [1]), metric="manhattan")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="embeddings must have a floating-point dtype"):
+    with pytest.raises(TypeError, match="embeddings must be a floating-point array"):
         pair_scores(np.ones((4, 3), dtype=np.int64), ([0], [1]))

@@ -42,11 +42,11 @@ from .._checks import (
     as_float_array,
     as_label_array,
     check_choice,
-    check_embeddings,
     check_int,
     check_real,
 )
 from ..similarity import METRICS, Metric, l2_normalize, working_dtype
+from ._inputs import as_embeddings, as_image_ids
 from .report import Rate, Report
 
 __all__ = [
@@ -705,9 +705,10 @@ def make_pairs(
     seed : int
         Seed of the impostor sampling; the same seed gives the same pairs.
     image_ids : array-like or Tensor of shape (n_items,), optional
-        Integer source of each item. Two items sharing an image id (e.g. a
-        super-resolved probe and its own high-resolution original, or two crops of one
-        photo) are never paired: such a "genuine" pair measures the copy, not the identity.
+        The source image of each item (integers or strings such as file names). Two
+        items sharing an image id (e.g. a super-resolved probe and its own
+        high-resolution original, or two crops of one photo) are never paired: such a
+        "genuine" pair measures the copy, not the identity.
 
     Returns
     -------
@@ -722,11 +723,8 @@ def make_pairs(
     if n < 2:
         raise ValueError(f"labels has {n} item; expected at least 2 to form a pair")
     if image_ids is not None:
-        image_ids = as_label_array(image_ids, "image_ids")
-        if image_ids.shape[0] != n:
-            raise ValueError(
-                f"image_ids has {image_ids.shape[0]} entries but labels has {n}; expected one per item"
-            )
+        # Integer codes, so that file names and integer ids follow one path.
+        _, image_ids = np.unique(as_image_ids(image_ids, n, rows_name="labels"), return_inverse=True)
     if max_impostors is not None:
         max_impostors = check_int(max_impostors, "max_impostors", low=0)
     seed = check_int(seed, "seed", low=0)
@@ -811,10 +809,8 @@ def pair_scores(embeddings: Any, pairs: Any, *, metric: Metric = "cosine") -> np
         float32, or float64 when the embeddings are float64.
     """
     check_choice(metric, "metric", METRICS)
-    if isinstance(embeddings, np.ndarray):
-        embeddings = torch.from_numpy(np.ascontiguousarray(embeddings))
-    x = check_embeddings(embeddings, "embeddings")
-    x = x.detach().to(working_dtype(x.dtype))
+    x = as_embeddings(embeddings)
+    x = x.to(working_dtype(x.dtype))
     if metric == "cosine":
         x = l2_normalize(x)
     first, second = _pair_indices(pairs, x.shape[0], x.device)
