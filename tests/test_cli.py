@@ -53,6 +53,8 @@ def test_evaluate_writes_report(files, tmp_path: Path, capsys: pytest.CaptureFix
     assert report["verification"]["metrics"]["auc"] > 0.9
     assert "map@r" in report["retrieval"]["metrics"]
     assert (out / "report.md").read_text().count("| metric |") == 4
+    for figure in ("cmc.png", "roc.png", "det.png", "scores.png"):
+        assert (out / figure).stat().st_size > 1000, figure
 
 
 def test_npy_inputs_with_label_files(tmp_path: Path, files) -> None:

@@ -14,11 +14,10 @@ second ``.npy`` (``--gallery-labels``, ``--probe-labels``).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,39 +164,44 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _figures(reports: dict[str, Report], out: Path) -> list[Path]:
-    """Save the figures :mod:`embedkit.plotting` can draw; skip them without matplotlib."""
+    """Save CMC, ROC, DET and score-histogram figures; skip them without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        from . import plotting
     except ImportError:
         print("figures skipped: matplotlib is not installed (pip install 'embedkit[plot]')", file=sys.stderr)
         return []
-    try:
-        plotting = importlib.import_module("embedkit.plotting")
-    except ImportError as error:
-        print(f"figures skipped: {error}", file=sys.stderr)
-        return []
-    wanted: list[tuple[str, str, str]] = [
-        ("plot_cmc", "identification", "cmc.png"),
-        ("plot_roc", "verification", "roc.png"),
-        ("plot_score_histograms", "verification", "scores.png"),
+
+    def histograms(report: Report, ax: Any) -> None:
+        genuine, impostor = report.curves["genuine_scores"], report.curves["impostor_scores"]
+        is_genuine = np.concatenate([np.ones(genuine.size, dtype=bool), np.zeros(impostor.size, dtype=bool)])
+        plotting.plot_score_histograms(
+            np.concatenate([genuine, impostor]), is_genuine, ax, threshold=report["best_threshold"]
+        )
+
+    drawers: list[tuple[str, str, Callable[[Report, Any], Any]]] = [
+        ("cmc.png", "identification", plotting.plot_cmc),
+        ("roc.png", "verification", plotting.plot_roc),
+        ("det.png", "verification", plotting.plot_det),
+        ("scores.png", "verification", histograms),
     ]
     written = []
-    for function_name, report_name, file_name in wanted:
-        function: Any = getattr(plotting, function_name, None)
-        if function is None or report_name not in reports:
+    for file_name, report_name, draw in drawers:
+        if report_name not in reports:
             continue
+        figure, ax = plt.subplots(figsize=(5, 4))
         try:
-            figure, ax = plt.subplots(figsize=(5, 4))
-            function(reports[report_name], ax=ax)
+            draw(reports[report_name], ax)
             figure.tight_layout()
             figure.savefig(out / file_name, dpi=120)
-            plt.close(figure)
-        except Exception as error:  # a figure must never cost the user the report
-            print(f"figure {file_name} skipped: {type(error).__name__}: {error}", file=sys.stderr)
-            plt.close("all")
+        except (ValueError, KeyError) as error:  # a figure the data cannot support never costs the report
+            print(f"figure {file_name} skipped: {error}", file=sys.stderr)
             continue
+        finally:
+            plt.close(figure)
         written.append(out / file_name)
     return written

@@ -206,7 +206,8 @@ class Gallery:
             ``"rank-k"`` for each ``k`` (a :class:`Rate`, chance ``min(k, C) / C`` for ``C``
             enrolled identities) and ``"mean_genuine_score"`` (the mean score of each probe
             for its true identity — compare it with a paired similarity);
-            ``curves["cmc"][r - 1]`` is the rank-``r`` accuracy for ``r = 1..C``.
+            ``curves["cmc"][r - 1]`` is the rank-``r`` accuracy for ``r = 1..C`` and
+            ``curves["cmc_chance"]`` its chance level ``r / C``.
         """
         return self.evaluate(
             probes, labels, ranks=ranks, image_ids=image_ids, progress=progress, open_set=False
@@ -488,7 +489,7 @@ class Gallery:
             metrics=metrics,
             counts=dict(counts),
             notes=own_notes,
-            curves={"cmc": cmc_hits / n_mated},
+            curves={"cmc": cmc_hits / n_mated, "cmc_chance": np.arange(1, n_ids + 1) / n_ids},
         )
 
     def _open_set_report(
