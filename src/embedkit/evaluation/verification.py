@@ -28,6 +28,7 @@ without an impostor pair raises a ``ValueError`` rather than returning NaN.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -94,7 +95,7 @@ def _check_pairs_input(
 
 
 def _check_far_targets(far_targets: Any) -> tuple[float, ...]:
-    if isinstance(far_targets, (int, float)):
+    if isinstance(far_targets, numbers.Real):
         far_targets = (far_targets,)
     if isinstance(far_targets, (str, bytes)) or not isinstance(far_targets, (Sequence, np.ndarray)):
         raise TypeError(
