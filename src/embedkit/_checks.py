@@ -365,3 +365,32 @@ def as_bool_array(
 
 
 __all__ += ["as_bool_array", "as_float_array"]
+
+
+def check_rate_targets(targets: Any, name: str) -> tuple[float, ...]:
+    """Check operating-point targets (FAR, FPIR, ...): one rate or a non-empty sequence in (0, 1].
+
+    Parameters
+    ----------
+    targets : float or sequence of float
+        The target rates.
+    name : str
+        The argument's name, used in error messages (``far_targets[1] must lie in ...``).
+
+    Returns
+    -------
+    tuple of float
+        The targets as Python floats, in the order given.
+    """
+    if isinstance(targets, numbers.Real):
+        targets = (targets,)
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, (Collection, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of floats in (0, 1]; got {_describe(targets)}")
+    if len(targets) == 0:
+        raise ValueError(f"{name} is empty; expected at least one target rate in (0, 1]")
+    return tuple(
+        check_real(t, f"{name}[{k}]", low=0.0, high=1.0, low_inclusive=False) for k, t in enumerate(targets)
+    )
+
+
+__all__ += ["check_rate_targets"]
