@@ -28,7 +28,6 @@ without an impostor pair raises a ``ValueError`` rather than returning NaN.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -44,6 +43,7 @@ from .._checks import (
     as_label_array,
     check_choice,
     check_int,
+    check_rate_targets,
     check_real,
 )
 from ..similarity import METRICS, Metric, l2_normalize, working_dtype
@@ -92,21 +92,6 @@ def _check_pairs_input(
             "verification metrics need at least one genuine (True) and one impostor (False) pair"
         )
     return values, genuine
-
-
-def _check_far_targets(far_targets: Any) -> tuple[float, ...]:
-    if isinstance(far_targets, numbers.Real):
-        far_targets = (far_targets,)
-    if isinstance(far_targets, (str, bytes)) or not isinstance(far_targets, (Sequence, np.ndarray)):
-        raise TypeError(
-            f"far_targets must be a sequence of floats in (0, 1]; got {type(far_targets).__name__}"
-        )
-    if len(far_targets) == 0:
-        raise ValueError("far_targets is empty; expected at least one FAR target in (0, 1]")
-    return tuple(
-        check_real(t, f"far_targets[{k}]", low=0.0, high=1.0, low_inclusive=False)
-        for k, t in enumerate(far_targets)
-    )
 
 
 def far_key(far: float) -> str:
@@ -373,7 +358,7 @@ def tar_at_far(scores: Any, is_genuine: Any, *, far_targets: Sequence[float] = D
         ``"genuine_pairs"`` and ``"impostor_pairs"``; notes for unmeasurable targets.
     """
     values, genuine = _check_pairs_input(scores, is_genuine)
-    targets = _check_far_targets(far_targets)
+    targets = check_rate_targets(far_targets, "far_targets")
     roc = _roc(values, genuine)
     metrics, thresholds, notes = _tar_at_far(roc, targets)
     return Report(
@@ -441,7 +426,7 @@ def verification_metrics(
         If there is no genuine or no impostor pair, or the inputs are malformed.
     """
     values, genuine = _check_pairs_input(scores, is_genuine)
-    targets = _check_far_targets(far_targets)
+    targets = check_rate_targets(far_targets, "far_targets")
     roc = _roc(values, genuine)
     tar_metrics, thresholds, notes = _tar_at_far(roc, targets)
     accuracy, threshold = _best_accuracy(roc)
