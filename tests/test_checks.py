@@ -205,9 +205,9 @@ def test_check_real_accepts_real_numbers_and_returns_a_float(value):
         (1 + 2j, {}, TypeError, r"margin must be a real number; got complex"),
         (float("nan"), {}, ValueError, r"margin must be finite; got nan"),
         (float("inf"), {}, ValueError, r"margin must be finite; got inf"),
-        (-0.1, {"low": 0.0}, ValueError, r"margin must lie in \[0, inf\]; got -0\.1"),
-        (0.0, {"low": 0.0, "low_inclusive": False}, ValueError, r"margin must lie in \(0, inf\]; got 0"),
-        (2.0, {"high": 1.0}, ValueError, r"margin must lie in \[-inf, 1\]; got 2"),
+        (-0.1, {"low": 0.0}, ValueError, r"margin must lie in \[0, inf\); got -0\.1"),
+        (0.0, {"low": 0.0, "low_inclusive": False}, ValueError, r"margin must lie in \(0, inf\); got 0"),
+        (2.0, {"high": 1.0}, ValueError, r"margin must lie in \(-inf, 1\]; got 2"),
         (
             1.0,
             {"low": 0.0, "high": 1.0, "high_inclusive": False},
@@ -249,7 +249,7 @@ def test_check_int_messages(value, error, message):
 
 def test_check_int_open_bounds():
     assert check_int(-5, "k") == -5
-    with pytest.raises(ValueError, match=r"k must lie in \[-inf, 3\]; got 4"):
+    with pytest.raises(ValueError, match=r"k must lie in \(-inf, 3\]; got 4"):
         check_int(4, "k", high=3)
 
 

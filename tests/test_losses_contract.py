@@ -223,7 +223,7 @@ CONSTRUCTOR_ERRORS = [
         lambda: ArcFaceLoss(4, 8, margin=-0.1), ValueError, r"margin is in radians", id="arcface-negative"
     ),
     pytest.param(
-        lambda: CosFaceLoss(0, 8), ValueError, r"num_classes must lie in \[1, inf\]; got 0", id="classes-0"
+        lambda: CosFaceLoss(0, 8), ValueError, r"num_classes must lie in \[1, inf\); got 0", id="classes-0"
     ),
     pytest.param(
         lambda: CosFaceLoss(2.5, 8),
@@ -232,7 +232,7 @@ CONSTRUCTOR_ERRORS = [
         id="classes-float",
     ),
     pytest.param(
-        lambda: CosFaceLoss(4, 0), ValueError, r"embedding_dim must lie in \[1, inf\]; got 0", id="dim-0"
+        lambda: CosFaceLoss(4, 0), ValueError, r"embedding_dim must lie in \[1, inf\); got 0", id="dim-0"
     ),
     pytest.param(
         lambda: CosFaceLoss(4, 8, scale=0.0), ValueError, r"scale must lie in \(0, inf", id="scale-0"
@@ -258,7 +258,7 @@ CONSTRUCTOR_ERRORS = [
     pytest.param(
         lambda: ArcFaceLoss(4, 8, sub_centers=0),
         ValueError,
-        r"sub_centers must lie in \[1, inf\]",
+        r"sub_centers must lie in \[1, inf\)",
         id="sub-centers-0",
     ),
     pytest.param(

@@ -196,8 +196,8 @@ def test_p_larger_than_eligible_classes_names_both_numbers() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
-        ({"k": 0}, ValueError, r"k must lie in \[1, inf\]; got 0"),
-        ({"p": 0}, ValueError, r"p must lie in \[1, inf\]; got 0"),
+        ({"k": 0}, ValueError, r"k must lie in \[1, inf\); got 0"),
+        ({"p": 0}, ValueError, r"p must lie in \[1, inf\); got 0"),
         ({"k": 2.0}, TypeError, "k must be an integer"),
         ({"seed": -1}, ValueError, "seed must lie"),
         ({"small_classes": "pad"}, ValueError, "small_classes must be one of"),

@@ -288,22 +288,30 @@ def test_near_duplicates_are_resolved_in_float32():
     assert pairwise_distance(x)[0, 1].item() == pytest.approx(1e-3, rel=0.1)
 
 
-_OVERFLOW_REASON = (
-    "known bug: finite float32 rows with |x| above ~1.8e19 overflow |x|² to inf; l2_normalize then "
-    "returns zero rows (cosine 0 to everything) and the unnormalised euclidean distance is inf - inf = NaN"
-)
+# Finite float32 rows with |x| above ~1.8e19 overflow |x|² unless scaled first (they did
+# before the exact power-of-two scaling): zero rows after normalising, inf - inf = NaN distances.
 
 
-@pytest.mark.xfail(strict=True, reason=_OVERFLOW_REASON)
 def test_huge_finite_rows_normalise_to_unit_rows():
     x = _gaussian(4, 8, 17, torch.float32) * 1e20
     torch.testing.assert_close(l2_normalize(x).norm(dim=1), torch.ones(4))
 
 
-@pytest.mark.xfail(strict=True, reason=_OVERFLOW_REASON)
 def test_huge_finite_rows_give_no_nan_distance():
     x = _gaussian(4, 8, 17, torch.float32) * 1e20
     assert not torch.isnan(pairwise_distance(x)).any()
+
+
+def test_huge_and_tiny_rows_give_scaled_distances():
+    """Scaling by a power of two is exact, so the distance scales exactly with the input."""
+    x = _gaussian(6, 8, 3, torch.float32)
+    y = _gaussian(5, 8, 4, torch.float32)
+    for factor in (2.0**70, 2.0**-70):
+        torch.testing.assert_close(
+            pairwise_distance(x * factor, y * factor), pairwise_distance(x, y) * factor
+        )
+    # Rows below a norm of 1e-12 are zero by definition, so only huge rows here.
+    torch.testing.assert_close(l2_normalize(x * 2.0**70), l2_normalize(x))
 
 
 # == errors =================================================================================

@@ -208,7 +208,7 @@ def test_counts_match_the_slow_pool_loops(sizes: list[int], seed: int, rule: str
             ValueError,
             "non-finite",
         ),
-        ([1, 1, 2], {"margin": 0.0}, ValueError, r"margin must lie in \(0, inf\]"),
+        ([1, 1, 2], {"margin": 0.0}, ValueError, r"margin must lie in \(0, inf\)"),
         ([1, 1, 2], {"metric": "manhattan"}, ValueError, "metric must be one of"),
         ([1.0, 1.0, 2.0], {}, TypeError, "labels must hold integers"),
         ([[1, 1, 2]], {}, ValueError, "labels must be 1-D"),

@@ -209,8 +209,8 @@ def check_real(
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
-        left = "[" if low_inclusive else "("
-        right = "]" if high_inclusive else ")"
+        left = "[" if low_inclusive and low is not None else "("
+        right = "]" if high_inclusive and high is not None else ")"
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         raise ValueError(f"{name} must lie in {left}{lo}, {hi}{right}; got {value:g}")
@@ -223,9 +223,9 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
         raise TypeError(f"{name} must be an integer; got {_describe(value)}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        lo = "-inf" if low is None else str(low)
-        hi = "inf" if high is None else str(high)
-        raise ValueError(f"{name} must lie in [{lo}, {hi}]; got {value}")
+        lo = "(-inf" if low is None else f"[{low}"
+        hi = "inf)" if high is None else f"{high}]"
+        raise ValueError(f"{name} must lie in {lo}, {hi}; got {value}")
     return value
 
 

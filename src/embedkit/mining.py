@@ -63,6 +63,11 @@ def hardest_pairs(
         The smallest anchor-negative distance (0 where there is none).
     valid : Tensor of shape (n,) and dtype bool
         Anchors with at least one positive and one negative.
+
+    Notes
+    -----
+    When several pairs tie for hardest (exactly repeated rows), the gradient is split
+    evenly among them rather than sent to one arbitrary index.
     """
     low = torch.finfo(distance.dtype).min
     high = torch.finfo(distance.dtype).max

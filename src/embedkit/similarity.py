@@ -8,7 +8,15 @@ so numerical care is taken once:
   overflows;
 * euclidean distances have a finite (zero) gradient at zero distance, including
   between duplicate embeddings, where ``sqrt`` would otherwise give ``inf``;
-* zero vectors have cosine 0 to everything instead of NaN.
+* zero vectors (norm at most 1e-12) have cosine 0 to everything instead of NaN,
+  with a zero gradient;
+* inputs are divided by an exact power of two before squaring, so huge finite rows
+  (|x| above 1e19 in float32) do not overflow into NaN.
+
+Euclidean distances use the expansion ``|x|² + |y|² − 2x·y`` (one matmul); its
+cancellation error, about ``eps·(|x|² + |y|²)`` on the squared distance, is rounded to
+an exact zero. In float32 that makes distances below about ``1.4e-3·|x|`` read as 0;
+use float64 inputs where such near-duplicates must be told apart.
 
 Conventions: a *similarity* is higher for closer points, a *distance* lower.
 ``pairwise_distance(..., metric="cosine")`` is ``1 - cos``.
@@ -81,11 +89,27 @@ def l2_normalize(x: Tensor) -> Tensor:
     """
     # Not F.normalize: it divides a zero row by eps, which gives that row a gradient of
     # about 1/eps (1e12, inf once cast back to float16). A row at or below eps is zero
-    # here, with a zero gradient; other rows are divided by their exact norm.
+    # here, with a zero gradient; other rows are divided by their exact norm. Rows are
+    # first divided by a power of two (exact) so |x|² cannot overflow for huge rows.
+    scale = _power_of_two_scale(x, dim=1)
+    x = x / scale
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    is_zero = norm <= _NORM_EPS
+    is_zero = norm * scale <= _NORM_EPS
     safe = torch.where(is_zero, torch.ones_like(norm), norm)
     return torch.where(is_zero, torch.zeros_like(x), x / safe)
+
+
+def _power_of_two_scale(x: Tensor, dim: int | None = None) -> Tensor:
+    """A detached power of two just above ``max |x|`` (1 for all-zero input).
+
+    Dividing by a power of two is exact in binary floating point, so results are
+    bit-identical for ordinary inputs, while entries end up in (-1, 1) and their
+    squares cannot overflow however large the (finite) input is.
+    """
+    with torch.no_grad():
+        peak = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+        _, exponent = torch.frexp(peak)
+        return torch.ldexp(torch.ones_like(peak), exponent)
 
 
 def pairwise_similarity(x: Tensor, y: Tensor | None = None, *, metric: Metric = "cosine") -> Tensor:
@@ -150,6 +174,15 @@ def pairwise_distance(
         if normalize:
             x = l2_normalize(x)
             y = x if same else l2_normalize(y)
+            unit = torch.ones((), dtype=x.dtype, device=x.device)
+        else:
+            # Computed on x / s and y / s for a power of two s (exact), then scaled back:
+            # huge finite rows give a large distance, not inf - inf = NaN.
+            unit = _power_of_two_scale(x)
+            if not same:
+                unit = torch.maximum(unit, _power_of_two_scale(y))
+            x = x / unit
+            y = x if same else y / unit
         x_sq = (x * x).sum(dim=1)
         y_sq = x_sq if same else (y * y).sum(dim=1)
         scale = x_sq[:, None] + y_sq[None, :]
@@ -159,10 +192,10 @@ def pairwise_distance(
         is_zero = squared <= 8.0 * torch.finfo(squared.dtype).eps * scale
         squared = squared.masked_fill(is_zero, 0.0)
         if metric == "squared_euclidean":
-            return squared
+            return squared * (unit * unit)
         # Double-where keeps the gradient of sqrt finite (zero) at zero distance.
         safe = torch.where(is_zero, torch.ones_like(squared), squared)
-        return torch.where(is_zero, torch.zeros_like(squared), safe.sqrt())
+        return torch.where(is_zero, torch.zeros_like(squared), safe.sqrt() * unit)
 
 
 # --- Chunked iteration: bounded memory for any number of rows -----------------------------------

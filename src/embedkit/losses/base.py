@@ -109,7 +109,8 @@ class Loss(nn.Module):
         In the working dtype (float32, float64 for float64 inputs), the dtype of every
         non-zero value: a batch without pairs must not return a float16 loss.
         """
-        return embeddings.to(working_dtype(embeddings.dtype)).sum() * 0.0
+        # "+ 0.0" turns the -0.0 of a negative sum times zero into 0.0.
+        return embeddings.to(working_dtype(embeddings.dtype)).sum() * 0.0 + 0.0
 
 
 class LossSum(Loss):
@@ -249,6 +250,19 @@ class PairLoss(Loss):
     """Base of losses computed from pairs of a batch (or of queries vs a reference set).
 
     Subclasses implement :meth:`compute` on a validated :class:`PairBatch`.
+
+    Notes
+    -----
+    * Self-pairs are excluded only when no reference set is given. Passing the batch
+      itself as ``ref_embeddings`` counts each item as its own positive (pytorch-
+      metric-learning decides by object identity instead).
+    * The formula is applied to any batch with pairs. pytorch-metric-learning returns
+      0 when a batch has at most one positive *and* at most one negative pair (possible
+      in reference mode or after multi-similarity mining); embedkit does not.
+    * A batch without positive pairs gives 0 for every loss made only of
+      positive-pair terms; :class:`~embedkit.losses.contrastive.ContrastiveLoss` and
+      :class:`~embedkit.losses.multi_similarity.MultiSimilarityLoss` (without mining)
+      keep their negative-pair term, as the published definitions do.
     """
 
     accepts_reference = True
@@ -371,4 +385,5 @@ def masked_logsumexp(values: Tensor, mask: Tensor, dim: int) -> tuple[Tensor, Te
 def log1p_sum_exp(values: Tensor, mask: Tensor, dim: int) -> Tensor:
     """``log(1 + Σ exp(values))`` over the masked entries along ``dim`` (0 if none)."""
     lse, anything = masked_logsumexp(values, mask, dim)
-    return torch.where(anything, torch.nn.functional.softplus(lse), torch.zeros_like(lse))
+    # logaddexp(lse, 0) is log(1 + e^lse) exactly; softplus returns x itself above 20.
+    return torch.where(anything, torch.logaddexp(lse, torch.zeros_like(lse)), torch.zeros_like(lse))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import check_real
@@ -52,7 +51,8 @@ class CircleLoss(PairLoss):
         pos_lse, has_pos = masked_logsumexp(-self.gamma * alpha_p * (cos - (1.0 - self.m)), pos, dim=1)
         neg_lse, has_neg = masked_logsumexp(self.gamma * alpha_n * (cos - self.m), neg, dim=1)
         anchors = has_pos & has_neg
-        loss = masked_mean(F.softplus(pos_lse + neg_lse), anchors)
+        total = pos_lse + neg_lse
+        loss = masked_mean(torch.logaddexp(total, torch.zeros_like(total)), anchors)
         with torch.no_grad():
             stats = self.pair_counts(batch)
             stats["num_anchors"] = anchors.sum()

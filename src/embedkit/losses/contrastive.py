@@ -40,8 +40,11 @@ class ContrastiveLoss(PairLoss):
     Notes
     -----
     Equal to pytorch-metric-learning's ``ContrastiveLoss(pos_margin, neg_margin)``
-    with its default distance (normalised L2). With ``CosineSimilarity`` there, its
-    margins ``p, n`` on the similarity are ``1 - p, 1 - n`` here.
+    with its default distance (normalised L2); ``normalize=False`` is its
+    ``LpDistance(normalize_embeddings=False)`` and ``"squared_euclidean"`` its
+    ``LpDistance(power=2)``. With ``CosineSimilarity`` there, its margins ``p, n`` on
+    the similarity are ``1 - p, 1 - n`` here. A batch without positive pairs still
+    has the negative term (the definition has no positive requirement).
     ``last_stats``: ``num_positive_pairs``, ``num_negative_pairs``,
     ``active_positive_fraction``, ``active_negative_fraction``,
     ``mean_positive_distance``, ``mean_negative_distance``.

@@ -69,7 +69,8 @@ class TripletMarginLoss(PairLoss):
     Equal to pytorch-metric-learning's ``TripletMarginLoss(margin)`` for
     ``"batch_all"``, to the same with ``reducer=MeanReducer()`` for ``"all"``, and
     to ``BatchHardMiner`` + ``TripletMarginLoss(reducer=MeanReducer())`` for
-    ``"batch_hard"`` (``soft_margin`` is its ``smooth_loss``).
+    ``"batch_hard"`` (``soft_margin`` is its ``smooth_loss``; with another distance,
+    give its miner the same one: ``BatchHardMiner(distance=...)``).
 
     ``last_stats``: ``num_triplets`` (valid mined triplets), ``active_triplet_fraction``
     (share with ℓ > 0 — near 1 with a loss near the margin means collapse),
