@@ -390,6 +390,12 @@ class EmbeddingHealthMonitor:
         # numpy's LAPACK call: several times faster than torch.linalg.eigvalsh on CPU here.
         covariance = (s.scatter / max(nc, 1)).cpu().numpy()
         eigenvalues = torch.from_numpy(np.linalg.eigvalsh(covariance)).clamp_min(0.0)
+        # Numerical rank (numpy.linalg.matrix_rank's rule): eigenvalues below
+        # λ_max · d · ε of the embeddings' dtype are rounding noise of the batch products.
+        # Zero them, or their square roots would inflate the effective rank of data that
+        # lies exactly in a subspace (rank-2 float32 data would read as 2.05).
+        cutoff = float(eigenvalues.max()) * covariance.shape[0] * torch.finfo(s.buffer.dtype).eps
+        eigenvalues = torch.where(eigenvalues > cutoff, eigenvalues, 0.0)
         trace = float(eigenvalues.sum())
         mean_sq_norm = float(s.sum_sq_norm) / n
         relative_variance = trace / mean_sq_norm if mean_sq_norm > 0 else 0.0
