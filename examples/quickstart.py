@@ -6,10 +6,10 @@ rotation, lighting-like gain and noise), trains a small MLP with
 
     ArcFaceLoss + 0.5 * SupConLoss
 
-and prints, per epoch, the total loss, each term's value and the statistics the
-losses record (batch accuracy, positive/negative similarity, pair counts), then a
-nearest-neighbour identification accuracy on *held-out images*, next to its chance
-level.
+on P×K batches from ``PKSampler`` and prints, per epoch, the total loss, each
+term's value and the statistics the losses record (batch accuracy, positive and
+negative similarity), then identification accuracy on *held-out images* with its
+counts and chance level.
 
     python examples/quickstart.py [--epochs 8] [--device auto|cpu|cuda] [--seed 0]
 """
@@ -21,6 +21,7 @@ import time
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import embedkit as ek
 
@@ -89,24 +90,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"untrained: {identification()}")
     x_train, y_train = images[train], labels[train]
     # P identities × K images per batch, so every batch has positive pairs.
-    p, k = 16, 4
+    sampler = ek.PKSampler(y_train, p=16, k=4, seed=args.seed)
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_sampler=sampler)
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
-        order = torch.randperm(len(y_train), generator=generator)
-        by_label = order[torch.argsort(y_train[order], stable=True)].view(num_ids, -1)
-        chunks = by_label.view(num_ids, -1, k).transpose(0, 1).reshape(-1, k)
-        chunks = chunks[torch.randperm(len(chunks), generator=generator)]
+        sampler.set_epoch(epoch)
         total = 0.0
-        for batch in chunks[: len(chunks) // p * p].view(-1, p * k):
-            embeddings = model(x_train[batch].to(device))
-            loss = loss_fn(embeddings, y_train[batch].to(device))
+        for x, y in loader:
+            loss = loss_fn(model(x.to(device)), y.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item()
         stats = loss_fn.last_stats
         print(
-            f"epoch {epoch:2d}  loss {total / (len(chunks) // p):7.3f}  "
+            f"epoch {epoch:2d}  loss {total / len(loader):7.3f}  "
             f"arcface {stats['0.ArcFaceLoss.loss']:6.3f} (batch acc {stats['0.ArcFaceLoss.accuracy']:.2f})  "
             f"supcon {stats['1.SupConLoss.loss']:5.3f} "
             f"(pos sim {stats['1.SupConLoss.mean_positive_similarity']:+.2f}, "

@@ -4,10 +4,13 @@ The public face of the package. Sub-packages:
 
 * :mod:`embedkit.losses` — composable losses (margin-softmax, pair, proxy);
 * :mod:`embedkit.similarity` — all pairwise similarity and distance math;
-* :mod:`embedkit.mining` — pair and triplet mining as tensor functions.
+* :mod:`embedkit.mining` — pair and triplet mining as tensor functions;
+* :mod:`embedkit.samplers` — P×K batch sampler and offline triplet construction;
+* :mod:`embedkit.evaluation` — k-NN search, retrieval, identification and
+  verification metrics reported with counts and chance levels.
 """
 
-from . import losses, mining, similarity
+from . import evaluation, losses, mining, samplers, similarity
 from .losses import (
     ArcFaceLoss,
     CircleLoss,
@@ -23,6 +26,7 @@ from .losses import (
     SupConLoss,
     TripletMarginLoss,
 )
+from .samplers import PKSampler, TripletSet, build_triplets, count_triplets
 from .similarity import pairwise_distance, pairwise_similarity
 
 __version__ = "0.1.0.dev0"
@@ -37,14 +41,20 @@ __all__ = [
     "MultiSimilarityLoss",
     "NTXentLoss",
     "NormalizedSoftmaxLoss",
+    "PKSampler",
     "ProxyAnchorLoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
     "TripletMarginLoss",
+    "TripletSet",
     "__version__",
+    "build_triplets",
+    "count_triplets",
+    "evaluation",
     "losses",
     "mining",
     "pairwise_distance",
     "pairwise_similarity",
+    "samplers",
     "similarity",
 ]
