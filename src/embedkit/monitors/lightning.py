@@ -57,7 +57,7 @@ class MonitorCallbackBase:
     health : EmbeddingHealthMonitor, optional
     losses : LossMonitor, optional
         Fed with ``loss_fn`` when given (all its statistics), else with ``outputs["loss"]``.
-    loss_fn : Loss, optional
+    loss_fn : embedkit.losses.base.Loss, optional
         The embedkit loss whose ``last_value``/``last_stats`` to record.
     every_n_steps : int, optional
         Also report (and restart the collapse and health monitors) every n training

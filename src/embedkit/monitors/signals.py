@@ -112,7 +112,7 @@ class LossMonitor:
         ----------
         step : int
             The training step (non-decreasing).
-        loss : Loss, mapping, float or 0-d Tensor
+        loss : embedkit.losses.base.Loss, mapping, float or 0-d Tensor
             An embedkit loss after it was called (its ``last_value`` is recorded as
             ``"loss"`` and its ``last_stats`` under their own names — for a
             :class:`~embedkit.losses.base.LossSum` ``"<i>.<Name>.<key>"``), or a mapping
