@@ -40,6 +40,7 @@ from .._checks import check_choice, check_matching_dim, check_real
 from ..similarity import METRICS, Metric, l2_normalize, similarity_blocks, working_dtype
 from ._inputs import as_embeddings, as_image_ids, as_labels, check_ks, progress_bar, to_numpy
 from .report import Rate, Report
+from .verification import verification_metrics
 
 __all__ = ["Gallery", "fpir_key"]
 
@@ -396,8 +397,6 @@ class Gallery:
         if open_set:
             reports["open_set"] = self._open_set_report(scan, mated, fpir_targets, counts, notes)
         if verification:
-            from .verification import verification_metrics
-
             assert scan.pair_scores is not None
             genuine = self._entry_identity[None, :] == probe_identity[:, None]
             scores, genuine = scan.pair_scores.ravel(), genuine.ravel()
