@@ -263,7 +263,7 @@ def test_non_finite_rows_are_counted_and_left_out() -> None:
     report = monitor.compute()
     assert report.rate("top1_accuracy") == Rate(18, 18, 0.2)
     bad = report.diagnosis("non_finite")
-    assert bad is not None and bad.evidence["non_finite_rows"] == 2
+    assert bad is not None and bad.evidence["non_finite"] == 2
 
 
 def test_reset_forgets_everything() -> None:

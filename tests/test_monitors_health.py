@@ -289,7 +289,7 @@ def test_non_finite_rows_are_counted_and_left_out() -> None:
     for key in ("mean_norm", "max_norm", "min_norm", "effective_rank", "mean_pairwise_cosine", "auc"):
         assert b[key] == pytest.approx(a[key]), key
     bad = b.diagnosis("non_finite")
-    assert bad is not None and bad.evidence["non_finite_rows"] == 3
+    assert bad is not None and bad.evidence["non_finite"] == 3
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -185,7 +185,7 @@ def test_non_finite_loss() -> None:
     for step, value in enumerate([1.0, float("nan"), 0.9]):
         monitor.update(step, value)
     diagnosis = monitor.compute().diagnosis("non_finite")
-    assert diagnosis is not None and diagnosis.evidence["non_finite_steps"] == 1
+    assert diagnosis is not None and diagnosis.evidence["non_finite"] == 1
 
 
 def test_update_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ from .._checks import _describe, check_embeddings, check_int, check_labels, chec
 from ..evaluation.report import Rate, _percent
 from ..similarity import working_dtype
 from .chance import chance_verdict, describe_rate, wilson_interval
-from .diagnosis import Diagnosis
+from .diagnosis import Diagnosis, non_finite
 from .report import MonitorReport
 
 __all__ = ["ClassCollapseMonitor"]
@@ -90,7 +90,9 @@ class ClassCollapseMonitor:
     Notes
     -----
     Statistics (keys of the report): ``top{k}_accuracy`` (a :class:`Rate` with chance
-    ``min(k, C) / C``), ``num_predicted_classes``, ``num_label_classes``,
+    ``min(k, C) / C``; a sample is a top-k hit when at most k classes, its own
+    included, score at least as high as its true class, so ties count against it and
+    constant logits never score), ``num_predicted_classes``, ``num_label_classes``,
     ``dominant_class``, ``dominant_class_share``, ``dominant_class_absorption`` (share of
     the samples of *other* classes predicted as the dominant class),
     ``accuracy_ceiling`` (the best top-1 accuracy possible with the set of classes
@@ -224,17 +226,17 @@ class ClassCollapseMonitor:
             )
         c = self.num_classes
         n = int(s.count)
-        non_finite = int(s.non_finite_rows)
+        bad_rows = int(s.non_finite_rows)
         predicted = s.predicted.cpu()
         label_hist = s.labels.cpu()
         diagnoses: list[Diagnosis] = []
-        if non_finite:
-            diagnoses.append(_non_finite(non_finite, seen))
+        if bad_rows:
+            diagnoses.append(non_finite(bad_rows, seen, "logit rows"))
         if n == 0:
             return MonitorReport(
                 "class collapse",
                 {},
-                counts={"samples": 0, "non_finite_rows": non_finite},
+                counts={"samples": 0, "non_finite_rows": bad_rows},
                 notes=["every row of logits held NaN or inf"],
                 diagnoses=tuple(diagnoses),
             )
@@ -308,7 +310,7 @@ class ClassCollapseMonitor:
                     "temperature above 1 (case study 02 went from scale 32 to 8 and T=4).",
                 )
             )
-        counts = {"samples": n, "non_finite_rows": non_finite, "num_classes": c}
+        counts = {"samples": n, "non_finite_rows": bad_rows, "num_classes": c}
         return MonitorReport("class collapse", metrics, counts=counts, diagnoses=tuple(diagnoses))
 
     def _class_collapse(
@@ -403,14 +405,3 @@ class ClassCollapseMonitor:
                 )
             )
         return diagnoses
-
-
-def _non_finite(bad: int, seen: int) -> Diagnosis:
-    return Diagnosis(
-        "non_finite",
-        "error",
-        f"{bad} of {seen} rows hold NaN or inf; they were left out of every statistic",
-        evidence={"non_finite_rows": bad, "rows": seen},
-        suggestion="Find the first step that produced them: a diverged learning rate, fp16 overflow "
-        "(compute the loss in float32), or a division by a zero norm.",
-    )

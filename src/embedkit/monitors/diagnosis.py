@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 from .._checks import check_choice
 from ..evaluation.report import _plain
 
-__all__ = ["CODES", "DOCS_URL", "SEVERITIES", "Diagnosis", "Severity", "docs_link"]
+__all__ = ["CODES", "DOCS_URL", "SEVERITIES", "Diagnosis", "Severity", "docs_link", "non_finite"]
 
 Severity = Literal["info", "warning", "error"]
 SEVERITIES: tuple[str, ...] = get_args(Severity)
@@ -136,3 +136,25 @@ class Diagnosis:
             lines.append(f"    try: {self.suggestion}")
         lines.append(f"    see: {self.docs}")
         return "\n".join(lines)
+
+
+def non_finite(bad: int, total: int, what: str) -> Diagnosis:
+    """The ``non_finite`` diagnosis, shared by every monitor.
+
+    Parameters
+    ----------
+    bad : int
+        How many of them held NaN or inf.
+    total : int
+        How many were seen.
+    what : str
+        What they are, plural: ``"logit rows"``, ``"embeddings"``, ``"loss values"``.
+    """
+    return Diagnosis(
+        "non_finite",
+        "error",
+        f"{bad} of {total} {what} held NaN or inf; they were left out of every other statistic",
+        evidence={"non_finite": bad, "total": total},
+        suggestion="Find the first step that produced them: a diverged learning rate, fp16 overflow "
+        "(compute the loss in float32), or a division by a zero norm.",
+    )

@@ -49,7 +49,7 @@ from torch import Tensor
 from .._checks import check_embeddings, check_int, check_labels, check_matching_dim
 from ..evaluation.verification import roc_auc
 from ..similarity import _NORM_EPS, l2_normalize, pairwise_similarity, working_dtype
-from .diagnosis import Diagnosis
+from .diagnosis import Diagnosis, non_finite
 from .report import MonitorReport
 
 __all__ = ["EmbeddingHealthMonitor"]
@@ -331,21 +331,12 @@ class EmbeddingHealthMonitor:
             raise ValueError("EmbeddingHealthMonitor.compute() called before any update(); nothing to report")
         s = self._state
         n, d = int(s.n), s.mean.shape[0]
-        non_finite = int(s.non_finite_rows)
+        bad_rows = int(s.non_finite_rows)
         diagnoses: list[Diagnosis] = []
         notes: list[str] = []
-        counts = {"samples": n, "non_finite_rows": non_finite, "embedding_dim": d}
-        if non_finite:
-            diagnoses.append(
-                Diagnosis(
-                    "non_finite",
-                    "error",
-                    f"{non_finite} of {s.seen} embeddings hold NaN or inf; they were left out of all statistics",  # noqa: E501
-                    evidence={"non_finite_rows": non_finite, "rows": s.seen},
-                    suggestion="Find the first step that produced them: a diverged learning rate, fp16 "
-                    "overflow (compute the loss in float32), or a division by a zero norm.",
-                )
-            )
+        counts = {"samples": n, "non_finite_rows": bad_rows, "embedding_dim": d}
+        if bad_rows:
+            diagnoses.append(non_finite(bad_rows, s.seen, "embeddings"))
         if n == 0:
             notes.append("every embedding held NaN or inf")
             return MonitorReport(

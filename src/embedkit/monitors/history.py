@@ -101,7 +101,7 @@ class TrainingHistory:
 
     def reset(self) -> None:
         """Forget everything recorded."""
-        self.__init__()  # type: ignore[misc]
+        self._steps, self._rows, self._keys, self._pending = [], [], {}, 0
 
     # -------------------------------------------------------------------------- reading
     def __len__(self) -> int:

@@ -32,7 +32,7 @@ from .._checks import _describe, check_int, check_real
 from ..evaluation.report import Rate
 from ..losses.base import Loss, LossSum
 from .chance import chance_verdict, describe_rate
-from .diagnosis import Diagnosis
+from .diagnosis import Diagnosis, non_finite
 from .history import TrainingHistory
 from .report import MonitorReport
 
@@ -94,11 +94,12 @@ class LossMonitor:
         )
         self.history = TrainingHistory()
         self._margins: dict[str, float] = {}
+        self._names: dict[str, str] = {}  # stats prefix -> loss class name, for messages
 
     def reset(self) -> None:
         """Forget the recorded steps."""
         self.history.reset()
-        self._margins = {}
+        self._margins, self._names = {}, {}
 
     def update(
         self,
@@ -132,6 +133,7 @@ class LossMonitor:
             values["loss"] = loss._last_value
             values.update(loss._last_stats)
             self._margins.update(_margins_of(loss))
+            self._names.setdefault("", type(loss).__name__)
         elif isinstance(loss, Mapping):
             if "loss" not in loss:
                 raise ValueError(f"loss statistics must include 'loss'; got keys {sorted(loss)}")
@@ -180,16 +182,7 @@ class LossMonitor:
         _, losses = history.series("loss")
         bad = int((~np.isfinite(losses)).sum())
         if bad:
-            diagnoses.append(
-                Diagnosis(
-                    "non_finite",
-                    "error",
-                    f"the loss was NaN or inf at {bad} of {losses.size} steps",
-                    evidence={"non_finite_steps": bad, "steps": int(losses.size)},
-                    suggestion="Find the first step that produced it: a diverged learning rate, fp16 "
-                    "overflow (compute the loss in float32), or a division by a zero norm.",
-                )
-            )
+            diagnoses.append(non_finite(bad, int(losses.size), "loss values"))
         if losses.size < self.window:
             notes.append(
                 f"{losses.size} of the {self.window} steps of a window recorded: no window diagnosis yet"
@@ -233,7 +226,7 @@ class LossMonitor:
         return prefixes
 
     def _pair_signals(self, prefix: str) -> Diagnosis | None:
-        name = _loss_name(prefix)
+        name = _loss_name(prefix, self._names)
         positives = self._window(f"{prefix}num_positive_pairs")
         if positives is not None and not positives.any():
             return Diagnosis(
@@ -274,7 +267,7 @@ class LossMonitor:
         mean_active = float(active.mean())
         if not (deviation <= self.margin_tolerance * margin and mean_active >= self.active_fraction):
             return None
-        name = _loss_name(prefix)
+        name = _loss_name(prefix, self._names)
         return Diagnosis(
             "loss_at_margin",
             "error",
@@ -340,5 +333,5 @@ def _margins_of(loss: Loss) -> dict[str, float]:
     return margins
 
 
-def _loss_name(prefix: str) -> str:
-    return prefix.rstrip(".") or "the loss"
+def _loss_name(prefix: str, names: dict[str, str]) -> str:
+    return prefix.rstrip(".") or names.get(prefix, "the loss")
