@@ -179,9 +179,10 @@ class ClassCollapseMonitor:
             # Rank of the true class = how many classes score at least as high as it
             # (ties count against it, so constant logits are never "correct"); top-k
             # hit = rank <= k. Cheaper than topk, and exact.
-            # log-softmax is one fused pass; its row maximum is the log of the max-softmax
-            # confidence, and its argmax the prediction.
-            max_log_prob, predicted = torch.log_softmax(x, dim=1).max(dim=1)
+            # argmax alone is several times cheaper on CPU than max(dim) with indices; the
+            # fused log-softmax at the prediction is the log of the max-softmax confidence.
+            predicted = x.argmax(dim=1)
+            max_log_prob = torch.log_softmax(x, dim=1).gather(1, predicted[:, None]).squeeze(1)
             rank = (x >= x.gather(1, y[:, None])).sum(dim=1, dtype=torch.int32)
             state.topk_hits += ((rank[:, None] <= state.ks[None, :]) & used[:, None]).sum(dim=0)
 
