@@ -290,6 +290,14 @@ def test_non_finite_rows_are_counted_and_left_out() -> None:
         assert b[key] == pytest.approx(a[key]), key
     bad = b.diagnosis("non_finite")
     assert bad is not None and bad.evidence["non_finite"] == 3
+    paired = z.clone()
+    paired[4] = float("nan")
+    with_pairs = EmbeddingHealthMonitor()
+    with_pairs.update(z, labels, paired)
+    report = with_pairs.compute()
+    assert report.counts["paired_non_finite_rows"] == 1
+    assert report["paired_similarity"] == pytest.approx(1.0)  # the NaN pair is left out, not averaged in
+    assert report.diagnosis("non_finite") is not None
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -91,6 +91,7 @@ class _HealthState:
     nonzero: Tensor  # rows with a non-zero norm, = Σ‖ẑ‖²
     paired_count: Tensor
     paired_cos_sum: Tensor
+    paired_non_finite_rows: Tensor
     buffer: Tensor  # (S, d)
     buffer_finite: Tensor  # (S,) bool
     buffer_labels: Tensor | None  # (S,)
@@ -180,6 +181,7 @@ class EmbeddingHealthMonitor:
             nonzero=torch.zeros((), dtype=torch.int64, device=device),
             paired_count=torch.zeros((), dtype=torch.int64, device=device),
             paired_cos_sum=f64(),
+            paired_non_finite_rows=torch.zeros((), dtype=torch.int64, device=device),
             buffer=torch.zeros((s, d), dtype=z.dtype, device=device),
             buffer_finite=torch.zeros(s, dtype=torch.bool, device=device),
             buffer_labels=torch.zeros(s, dtype=torch.int64, device=device) if with_labels else None,
@@ -230,15 +232,16 @@ class EmbeddingHealthMonitor:
         with torch.no_grad():
             z, finite = _zero_non_finite_rows(z)
             inverse_norm = self._accumulate(state, z, finite)
-            paired = None
+            paired, usable = None, finite
             if paired_embeddings is not None:
                 paired, paired_finite = _zero_non_finite_rows(paired_embeddings.detach().to(dtype))
-                both = finite & paired_finite
+                usable = finite & paired_finite
                 paired_norm = torch.linalg.vector_norm(paired, dim=1)
                 cos = (z * paired).sum(dim=1) * inverse_norm * _inverse(paired_norm)
-                state.paired_cos_sum += torch.where(both, cos, 0.0).double().sum()
-                state.paired_count += both.sum()
-            self._store_sample(state, z, finite, labels, paired)
+                state.paired_cos_sum += torch.where(usable, cos, 0.0).double().sum()
+                state.paired_count += usable.sum()
+                state.paired_non_finite_rows += (~paired_finite).sum()
+            self._store_sample(state, z, usable, labels, paired)
             state.seen += b
 
     def _check_consistent(self, state: _HealthState, z: Tensor, with_labels: bool, with_paired: bool) -> None:
@@ -335,7 +338,13 @@ class EmbeddingHealthMonitor:
         diagnoses: list[Diagnosis] = []
         notes: list[str] = []
         counts = {"samples": n, "non_finite_rows": bad_rows, "embedding_dim": d}
-        if bad_rows:
+        if self._with_paired:
+            paired_bad = int(s.paired_non_finite_rows)
+            counts["paired_non_finite_rows"] = paired_bad
+            if bad_rows or paired_bad:
+                what = "rows of embeddings and paired_embeddings"
+                diagnoses.append(non_finite(bad_rows + paired_bad, 2 * s.seen, what))
+        elif bad_rows:
             diagnoses.append(non_finite(bad_rows, s.seen, "embeddings"))
         if n == 0:
             notes.append("every embedding held NaN or inf")
