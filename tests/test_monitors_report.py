@@ -53,6 +53,8 @@ def test_diagnosis_renders_and_validates() -> None:
         Diagnosis("x", "fatal", "m")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="code must be a non-empty string"):
         Diagnosis("", "info", "m")
+    with pytest.raises(TypeError, match="evidence must be a mapping"):
+        Diagnosis("x", "info", "m", evidence=[1, 2])  # type: ignore[arg-type]
 
 
 def test_report_orders_diagnoses_and_renders_everywhere() -> None:

@@ -101,6 +101,10 @@ class Diagnosis:
         if not isinstance(self.code, str) or not self.code:
             raise ValueError(f"code must be a non-empty string; got {self.code!r}")
         check_choice(self.severity, "severity", SEVERITIES)
+        if not isinstance(self.evidence, Mapping):
+            raise TypeError(
+                f"evidence must be a mapping of name to value; got {type(self.evidence).__name__}"
+            )
         if not self.docs:
             object.__setattr__(self, "docs", docs_link(self.code))
 

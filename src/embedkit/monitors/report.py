@@ -42,6 +42,9 @@ class MonitorReport(Report):
     diagnoses: tuple[Diagnosis, ...] = ()
 
     def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
         rank = {severity: i for i, severity in enumerate(reversed(SEVERITIES))}
         ordered = tuple(sorted(self.diagnoses, key=lambda d: rank[d.severity]))
         object.__setattr__(self, "diagnoses", ordered)
