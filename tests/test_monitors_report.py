@@ -228,3 +228,29 @@ def test_monitor_callback_without_lightning_says_what_to_install() -> None:
 
     with pytest.raises(ImportError, match="pip install lightning"):
         module.MonitorCallback  # noqa: B018
+
+
+def test_monitor_callback_is_built_on_lightnings_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    import embedkit.monitors.lightning as module
+
+    class Callback:  # stands in for lightning.pytorch.Callback
+        pass
+
+    fake = types.ModuleType("lightning.pytorch")
+    fake.Callback = Callback  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "lightning", types.ModuleType("lightning"))
+    monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
+    module.__dict__.pop("MonitorCallback", None)
+    try:
+        callback_class = module.MonitorCallback
+    finally:
+        module.__dict__.pop("MonitorCallback", None)  # do not leak the class built on the fake
+    assert issubclass(callback_class, Callback) and issubclass(callback_class, MonitorCallbackBase)
+    callback = callback_class(health=EmbeddingHealthMonitor(), log=False, warn=False)
+    trainer = SimpleNamespace(global_step=0)
+    callback.on_train_batch_end(trainer, _Module(), {"embeddings": torch.randn(8, 4)}, None, 0)
+    callback.on_train_epoch_end(trainer, _Module())
+    assert "health" in callback.reports
