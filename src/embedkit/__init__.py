@@ -7,10 +7,12 @@ The public face of the package. Sub-packages:
 * :mod:`embedkit.mining` — pair and triplet mining as tensor functions;
 * :mod:`embedkit.samplers` — P×K batch sampler and offline triplet construction;
 * :mod:`embedkit.evaluation` — k-NN search, retrieval, identification and
-  verification metrics reported with counts and chance levels.
+  verification metrics reported with counts and chance levels;
+* :mod:`embedkit.monitors` — class-collapse, embedding-health and loss-signal
+  monitors that name failures while training runs.
 """
 
-from . import evaluation, losses, mining, samplers, similarity
+from . import evaluation, losses, mining, monitors, samplers, similarity
 from .losses import (
     ArcFaceLoss,
     CircleLoss,
@@ -26,6 +28,14 @@ from .losses import (
     SupConLoss,
     TripletMarginLoss,
 )
+from .monitors import (
+    ClassCollapseMonitor,
+    Diagnosis,
+    EmbeddingHealthMonitor,
+    LossMonitor,
+    MonitorReport,
+    TrainingHistory,
+)
 from .samplers import PKSampler, TripletSet, build_triplets, count_triplets
 from .similarity import pairwise_distance, pairwise_similarity
 
@@ -34,10 +44,15 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ArcFaceLoss",
     "CircleLoss",
+    "ClassCollapseMonitor",
     "ContrastiveLoss",
     "CosFaceLoss",
+    "Diagnosis",
+    "EmbeddingHealthMonitor",
     "Loss",
+    "LossMonitor",
     "LossSum",
+    "MonitorReport",
     "MultiSimilarityLoss",
     "NTXentLoss",
     "NormalizedSoftmaxLoss",
@@ -45,6 +60,7 @@ __all__ = [
     "ProxyAnchorLoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
+    "TrainingHistory",
     "TripletMarginLoss",
     "TripletSet",
     "__version__",
@@ -53,6 +69,7 @@ __all__ = [
     "evaluation",
     "losses",
     "mining",
+    "monitors",
     "pairwise_distance",
     "pairwise_similarity",
     "samplers",

@@ -11,7 +11,7 @@ so numerical care is taken once:
 * zero vectors (norm at most 1e-12) have cosine 0 to everything instead of NaN,
   with a zero gradient;
 * inputs are divided by an exact power of two before squaring, so huge finite rows
-  (|x| above 1e19 in float32) do not overflow into NaN.
+  (``|x|`` above 1e19 in float32) do not overflow into NaN.
 
 Euclidean distances use the expansion ``|x|² + |y|² − 2x·y`` (one matmul); its
 cancellation error, about ``eps·(|x|² + |y|²)`` on the squared distance, is rounded to
