@@ -20,8 +20,9 @@ taken from CPU time, which a machine shared with other work disturbs far less th
 The cost of the exact full-ranking mAP (an extra pass) is timed separately, at 1e4.
 
 ``--large`` evaluates 1e4 queries against a 1e6 × 128 reference set in a fresh subprocess
-and reports its time and peak resident memory (``ru_maxrss``: FAISS and torch allocate
-outside Python's allocator, so tracemalloc would miss them).
+and reports its time and peak resident memory during the evaluation (``VmHWM``, reset after
+the data are generated; FAISS and torch allocate outside Python's allocator, so tracemalloc
+would miss them, and ``ru_maxrss`` would include the parent's memory).
 
 When ``benchmarks/bench_verification.py`` is present it runs afterwards (TAR@FAR on 1e7
 impostor scores against scikit-learn), so one command runs the whole evaluation benchmark.
@@ -158,6 +159,46 @@ def run_map(n: int) -> dict[str, Any]:
     return {"n": n, **{name: t[1] for name, t in times.items()}, "map": ours["map"]}  # CPU seconds
 
 
+def _proc_status_gib(field: str) -> float | None:
+    """A memory field (``VmHWM``, ``VmRSS``) of ``/proc/self/status`` in GiB; None off Linux."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 2**20  # kB
+    return None
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process in GiB.
+
+    ``VmHWM`` from ``/proc/self/status`` where it exists (Linux): unlike ``ru_maxrss``, it
+    belongs to this process's own address space, so neither the parent's memory (which
+    ``ru_maxrss`` keeps across ``exec``) nor data generation before :func:`reset_peak_rss`
+    counts.
+    """
+    peak = _proc_status_gib("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**30 if sys.platform == "darwin" else maxrss / 2**20  # bytes on macOS, kB on Linux
+
+
+def current_rss_gib() -> float:
+    """Current resident memory in GiB (NaN off Linux)."""
+    rss = _proc_status_gib("VmRSS")
+    return float("nan") if rss is None else rss
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current resident size (Linux ``clear_refs``); a no-op elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def large_child(n_reference: int, n_queries: int) -> None:
     """Runs in a fresh process: prints one JSON line with time and peak memory."""
     from embedkit.evaluation.retrieval import retrieval_metrics
@@ -165,20 +206,21 @@ def large_child(n_reference: int, n_queries: int) -> None:
     x, labels = make_data(n_reference + n_queries, seed=2)
     queries, query_labels = x[:n_queries].copy(), labels[:n_queries].copy()
     reference, reference_labels = x[n_queries:], labels[n_queries:]
-    data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_rss()
+    data_rss = current_rss_gib()
     start, cpu = time.perf_counter(), time.process_time()
     report = retrieval_metrics(
         queries, query_labels, reference, reference_labels, ks=(1, 5, 10), compute_map=False
     )
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_rss_gib()
     result = {
         "n_reference": n_reference,
         "n_queries": n_queries,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "peak_rss_gib": peak / 2**20,
-        "rss_before_evaluation_gib": data_rss / 2**20,
+        "peak_rss_gib": peak,
+        "rss_before_evaluation_gib": data_rss,
         "nxn_matrix_gib": n_reference * n_queries * 4 / 2**30,
         "precision@1": report["precision@1"],
         "map@r": report["map@r"],

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_matching_dim, check_real
+from .._checks import check_choice, check_matching_dim, check_rate_targets
 from ..similarity import METRICS, Metric, l2_normalize, similarity_blocks, working_dtype
 from ._inputs import as_embeddings, as_image_ids, as_labels, check_ks, progress_bar, to_numpy
 from .report import Rate, Report
@@ -53,21 +53,6 @@ _NEAR_DUPLICATE = 0.9999
 def fpir_key(fpir: float, prefix: str = "dir") -> str:
     """The report key at an FPIR target, written as a plain decimal: ``"dir@fpir=0.01"``."""
     return f"{prefix}@fpir={np.format_float_positional(fpir, trim='-')}"
-
-
-def _check_fpir_targets(fpir_targets: Any) -> tuple[float, ...]:
-    if isinstance(fpir_targets, (int, float)):
-        fpir_targets = (fpir_targets,)
-    if isinstance(fpir_targets, (str, bytes)) or not isinstance(fpir_targets, (Sequence, np.ndarray)):
-        raise TypeError(
-            f"fpir_targets must be a sequence of floats in (0, 1]; got {type(fpir_targets).__name__}"
-        )
-    if len(fpir_targets) == 0:
-        raise ValueError("fpir_targets is empty; expected at least one FPIR target in (0, 1]")
-    return tuple(
-        check_real(f, f"fpir_targets[{i}]", low=0.0, high=1.0, low_inclusive=False)
-        for i, f in enumerate(fpir_targets)
-    )
 
 
 @dataclass(frozen=True)
@@ -360,7 +345,7 @@ class Gallery:
                 "probes (use dir_at_fpir for open-set evaluation)"
             )
         if open_set:
-            fpir_targets = _check_fpir_targets(fpir_targets)
+            fpir_targets = check_rate_targets(fpir_targets, "fpir_targets")
             if n_mated == 0 or n_non_mated == 0:
                 raise ValueError(
                     f"open-set identification needs mated and non-mated probes; got {n_mated} mated and "

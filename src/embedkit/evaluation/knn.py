@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int, check_matching_dim
-from ..similarity import METRICS, Metric, chunked_topk, l2_normalize
+from ..similarity import METRICS, Metric, chunked_topk, l2_normalize, rows_per_block
 from ._inputs import as_embeddings, progress_bar, to_numpy
 
 __all__ = ["BACKENDS", "Backend", "faiss_available", "knn", "resolve_backend"]
@@ -227,11 +227,19 @@ def search_checked(
 
 
 def _faiss_array(x: Tensor, metric: str) -> np.ndarray:
-    """float32, C-contiguous, on the CPU — normalised for cosine — converted once."""
+    """float32, C-contiguous, on the CPU — normalised for cosine — converted once.
+
+    Cosine rows are normalised into one new array, a block of rows at a time, so the caller's
+    memory is never changed and the temporaries stay at one block.
+    """
     x = x.detach().to(device="cpu", dtype=torch.float32)
-    if metric == "cosine":
-        x = l2_normalize(x)  # a new tensor: the caller's memory is never normalised in place
-    return np.ascontiguousarray(to_numpy(x))
+    if metric != "cosine":
+        return np.ascontiguousarray(to_numpy(x))
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    step = rows_per_block(x.shape[1])
+    for start in range(0, x.shape[0], step):
+        out[start : start + step] = l2_normalize(x[start : start + step])
+    return to_numpy(out)
 
 
 def _faiss_search(
@@ -275,6 +283,7 @@ def _faiss_search(
             ef_search if ef_search is not None else max(64, 2 * k), "ef_search", low=k + 1
         )
     index.add(ref_np)
+    del ref_np  # the index holds its own copy; ours (normalised) is freed unless it is q_np
     depth = k + int(exclude_self)
     step = q_np.shape[0] if callback is None else _FAISS_QUERY_BLOCK
     parts = []
