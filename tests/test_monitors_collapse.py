@@ -187,6 +187,16 @@ def test_shifted_labels_are_below_chance() -> None:
     assert "0/500" in below.message
 
 
+def test_top_k_with_k_at_least_the_classes_is_never_below_chance() -> None:
+    """Top-5 of 2 classes is 100% whatever the model does: no verdict either way."""
+    labels = torch.arange(2).repeat(14)
+    monitor = ClassCollapseMonitor(2, topk=(1, 5))
+    monitor.update(_healthy_logits(labels, 2, torch.Generator().manual_seed(0)), labels)
+    report = monitor.compute()
+    assert report.rate("top5_accuracy") == Rate(28, 28, 1.0)
+    assert "below_chance" not in report.codes and "at_chance" not in report.codes
+
+
 def test_saturated_wrong_softmax_is_overconfident() -> None:
     gen = torch.Generator().manual_seed(2)
     labels = torch.randint(0, 100, (400,), generator=gen)

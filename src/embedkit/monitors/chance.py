@@ -49,7 +49,10 @@ def wilson_interval(hits: int, total: int, *, confidence: float = 0.95) -> tuple
     denominator = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denominator
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The bounds are exactly 0 at 0 hits and 1 at all hits; rounding must not move them.
+    low = 0.0 if hits == 0 else max(0.0, centre - half)
+    high = 1.0 if hits == total else min(1.0, centre + half)
+    return low, high
 
 
 def chance_verdict(rate: Rate, *, confidence: float = 0.95) -> ChanceVerdict:
@@ -69,13 +72,15 @@ def chance_verdict(rate: Rate, *, confidence: float = 0.95) -> ChanceVerdict:
         below chance. When it contains chance, ``"at_chance"`` if it is also narrow
         enough to rule out the accuracy being even halfway from chance to perfect
         (upper end below ``chance + (1 - chance) / 2``), else ``"undetermined"``: too
-        few trials to say anything (e.g. 3/3 with two classes).
+        few trials to say anything (e.g. 3/3 with two classes), and always when chance
+        is 1 (top-5 of 2 classes: every guess scores).
     """
     if not isinstance(rate, Rate):
         raise TypeError(f"rate must be an embedkit Rate; got {type(rate).__name__}")
     if rate.chance is None:
         raise ValueError(f"rate has no chance level ({rate}); expected Rate(hits, total, chance=...)")
-    if rate.total == 0:
+    if rate.total == 0 or rate.chance >= 1.0:
+        # No trials, or a metric every guess passes (top-k with k >= classes).
         return "undetermined"
     low, high = wilson_interval(rate.hits, rate.total, confidence=confidence)
     chance = rate.chance
