@@ -25,11 +25,12 @@ __all__ = [
     "check_labels",
     "check_matching_dim",
     "check_real",
+    "describe",
 ]
 
 
-def _describe(value: Any) -> str:
-    """A short description of ``value`` for error messages."""
+def describe(value: Any) -> str:
+    """A short description of ``value`` (type, shape, dtype) for error messages."""
     if isinstance(value, Tensor):
         return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
     if isinstance(value, np.ndarray):
@@ -67,7 +68,7 @@ def check_embeddings(embeddings: Any, name: str = "embeddings", *, check_finite:
     """
     if not isinstance(embeddings, Tensor):
         raise TypeError(
-            f"{name} must be a torch.Tensor of shape (batch_size, embedding_dim); got {_describe(embeddings)}"
+            f"{name} must be a torch.Tensor of shape (batch_size, embedding_dim); got {describe(embeddings)}"
         )
     if embeddings.ndim != 2:
         raise ValueError(
@@ -128,12 +129,10 @@ def check_labels(
     """
     if not isinstance(labels, Tensor):
         if isinstance(labels, (str, bytes)) or not isinstance(labels, (Collection, np.ndarray)):
-            raise TypeError(
-                f"{name} must be a 1-D integer tensor, array or sequence; got {_describe(labels)}"
-            )
+            raise TypeError(f"{name} must be a 1-D integer tensor, array or sequence; got {describe(labels)}")
         array = np.asarray(labels)
         if array.dtype.kind not in "iu" and array.size > 0:
-            raise TypeError(f"{name} must hold integers; got {_describe(array)}")
+            raise TypeError(f"{name} must hold integers; got {describe(array)}")
         labels = torch.as_tensor(array.astype(np.int64, copy=False))
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise TypeError(
@@ -202,7 +201,7 @@ def check_real(
         ``value`` as a Python float.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number; got {_describe(value)}")
+        raise TypeError(f"{name} must be a real number; got {describe(value)}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
@@ -220,7 +219,7 @@ def check_real(
 def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
     """Check that ``value`` is an integer (not a bool) in ``[low, high]``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer; got {_describe(value)}")
+        raise TypeError(f"{name} must be an integer; got {describe(value)}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         lo = "(-inf" if low is None else f"[{low}"
@@ -263,7 +262,7 @@ def as_label_array(labels: Any, name: str = "labels", *, allow_empty: bool = Fal
     elif isinstance(labels, (np.ndarray, Collection)) and not isinstance(labels, (str, bytes)):
         array = np.asarray(labels)
     else:
-        raise TypeError(f"{name} must be a 1-D integer array, tensor or sequence; got {_describe(labels)}")
+        raise TypeError(f"{name} must be a 1-D integer array, tensor or sequence; got {describe(labels)}")
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, of shape (n_samples,); got shape {array.shape}")
     if array.size == 0:
@@ -290,7 +289,7 @@ def _to_numpy(values: Any, name: str, expected: str) -> np.ndarray:
     if isinstance(values, np.ndarray):
         return values
     if isinstance(values, (str, bytes)) or not isinstance(values, Collection):
-        raise TypeError(f"{name} must be {expected}; got {_describe(values)}")
+        raise TypeError(f"{name} must be {expected}; got {describe(values)}")
     return np.asarray(values)
 
 
@@ -315,7 +314,7 @@ def as_float_array(values: Any, name: str, *, allow_empty: bool = False) -> np.n
     """
     array = _to_numpy(values, name, "a 1-D array, tensor or sequence of real numbers")
     if array.dtype == np.bool_ or array.dtype.kind not in "iuf":
-        raise TypeError(f"{name} must hold real numbers (float or int); got {_describe(array)}")
+        raise TypeError(f"{name} must hold real numbers (float or int); got {describe(array)}")
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, of shape (n,); got shape {array.shape}")
     if array.size == 0 and not allow_empty:
@@ -357,7 +356,7 @@ def as_bool_array(
     if array.dtype == np.bool_:
         return array
     if array.dtype.kind not in "iu" and array.size > 0:
-        raise TypeError(f"{name} must hold booleans (or integers 0/1); got {_describe(array)}")
+        raise TypeError(f"{name} must hold booleans (or integers 0/1); got {describe(array)}")
     if array.size and not np.isin(array, (0, 1)).all():
         seen = np.unique(array[(array != 0) & (array != 1)])[:5].tolist()
         raise ValueError(f"{name} must hold only 0/1 (or booleans); found other values such as {seen}")
@@ -385,7 +384,7 @@ def check_rate_targets(targets: Any, name: str) -> tuple[float, ...]:
     if isinstance(targets, numbers.Real):
         targets = (targets,)
     if isinstance(targets, (str, bytes)) or not isinstance(targets, (Collection, np.ndarray)):
-        raise TypeError(f"{name} must be a sequence of floats in (0, 1]; got {_describe(targets)}")
+        raise TypeError(f"{name} must be a sequence of floats in (0, 1]; got {describe(targets)}")
     if len(targets) == 0:
         raise ValueError(f"{name} is empty; expected at least one target rate in (0, 1]")
     return tuple(

@@ -36,6 +36,7 @@ from ._checks import check_choice, check_embeddings, check_int, check_matching_d
 __all__ = [
     "BLOCK_BYTES",
     "METRICS",
+    "ZERO_NORM",
     "Metric",
     "chunked_topk",
     "l2_normalize",
@@ -49,8 +50,8 @@ __all__ = [
 Metric = Literal["cosine", "dot", "euclidean", "squared_euclidean"]
 METRICS: tuple[str, ...] = get_args(Metric)
 
-# Below this norm a vector is treated as zero when normalising.
-_NORM_EPS = 1e-12
+#: Below this L2 norm a row is treated as zero when normalising (cosine 0, zero gradient).
+ZERO_NORM = 1e-12
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,7 +95,7 @@ def l2_normalize(x: Tensor) -> Tensor:
     scale = _power_of_two_scale(x, dim=1)
     x = x / scale
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    is_zero = norm * scale <= _NORM_EPS
+    is_zero = norm * scale <= ZERO_NORM
     safe = torch.where(is_zero, torch.ones_like(norm), norm)
     return torch.where(is_zero, torch.zeros_like(x), x / safe)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import _describe, as_label_array, check_embeddings, check_int, check_labels
+from .._checks import as_label_array, check_embeddings, check_int, check_labels, describe
 
 __all__ = ["as_embeddings", "as_image_ids", "as_labels", "check_ks", "progress_bar", "to_numpy"]
 
@@ -41,12 +41,12 @@ def as_embeddings(embeddings: Any, name: str = "embeddings") -> Tensor:
     if isinstance(embeddings, np.ndarray):
         if embeddings.dtype.kind != "f":
             raise TypeError(
-                f"{name} must be a floating-point array of shape (n, d); got {_describe(embeddings)}"
+                f"{name} must be a floating-point array of shape (n, d); got {describe(embeddings)}"
             )
         embeddings = torch.from_numpy(np.ascontiguousarray(embeddings))
     elif not isinstance(embeddings, Tensor):
         raise TypeError(
-            f"{name} must be a numpy array or torch tensor of shape (n, d); got {_describe(embeddings)}"
+            f"{name} must be a numpy array or torch tensor of shape (n, d); got {describe(embeddings)}"
         )
     return check_embeddings(embeddings.detach(), name)
 
@@ -91,7 +91,7 @@ def as_image_ids(image_ids: Any, num_rows: int, name: str = "image_ids", *, rows
     if isinstance(image_ids, Tensor):
         image_ids = image_ids.detach().cpu().numpy()
     if isinstance(image_ids, (str, bytes)) or not isinstance(image_ids, (Sequence, np.ndarray)):
-        raise TypeError(f"{name} must be a 1-D array or sequence of ids; got {_describe(image_ids)}")
+        raise TypeError(f"{name} must be a 1-D array or sequence of ids; got {describe(image_ids)}")
     array = np.asarray(image_ids)
     if array.ndim != 1 or array.shape[0] != num_rows:
         raise ValueError(
@@ -107,7 +107,7 @@ def check_ks(ks: Any, name: str = "ks") -> tuple[int, ...]:
     if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
         ks = (ks,)
     if isinstance(ks, (str, bytes)) or not isinstance(ks, (Sequence, np.ndarray)) or len(ks) == 0:
-        raise TypeError(f"{name} must be a non-empty sequence of positive integers; got {_describe(ks)}")
+        raise TypeError(f"{name} must be a non-empty sequence of positive integers; got {describe(ks)}")
     return tuple(sorted({check_int(k, name, low=1) for k in ks}))
 
 

@@ -51,32 +51,32 @@ class Rate:
         return self.value
 
     def __str__(self) -> str:
-        text = f"{self.hits}/{self.total} = {_percent(self.value)}"
+        text = f"{self.hits}/{self.total} = {format_percent(self.value)}"
         if self.chance is not None:
-            text += f" (chance {_percent(self.chance)})"
+            text += f" (chance {format_percent(self.chance)})"
         return text
 
     def to_dict(self) -> dict[str, Any]:
         """``{"value", "hits", "total", "chance"}`` as plain Python numbers."""
-        return {"value": _plain(self.value), "hits": self.hits, "total": self.total, "chance": self.chance}
+        return {"value": to_plain(self.value), "hits": self.hits, "total": self.total, "chance": self.chance}
 
 
-def _percent(x: float) -> str:
+def format_percent(x: float) -> str:
     if math.isnan(x):
         return "n/a"
     return f"{100 * x:.3g}%" if 0 < abs(x) < 0.001 else f"{100 * x:.2f}%"
 
 
-def _plain(x: Any) -> Any:
+def to_plain(x: Any) -> Any:
     """Numpy scalars and arrays to JSON-ready Python values (NaN to None)."""
     if isinstance(x, Rate):
         return x.to_dict()
     if isinstance(x, np.ndarray):
-        return [_plain(v) for v in x.tolist()]
+        return [to_plain(v) for v in x.tolist()]
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [to_plain(v) for v in x]
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): to_plain(v) for k, v in x.items()}
     if isinstance(x, (np.integer, np.bool_)):
         return x.item()
     if isinstance(x, (float, np.floating)):
@@ -133,8 +133,8 @@ class Report(Mapping[str, float]):
         """Everything but the curves, as JSON-ready Python values."""
         return {
             "title": self.title,
-            "metrics": {k: _plain(v) for k, v in self.metrics.items()},
-            "counts": {k: _plain(v) for k, v in self.counts.items()},
+            "metrics": {k: to_plain(v) for k, v in self.metrics.items()},
+            "counts": {k: to_plain(v) for k, v in self.counts.items()},
             "notes": list(self.notes),
         }
 
@@ -150,7 +150,7 @@ class Report(Mapping[str, float]):
         lines = [f"### {self.title}", "", "| metric | value | counts | chance |", "| --- | --- | --- | --- |"]
         for key, value in self.metrics.items():
             if isinstance(value, Rate):
-                chance = "" if value.chance is None else _percent(value.chance)
+                chance = "" if value.chance is None else format_percent(value.chance)
                 lines.append(f"| {key} | {value.value:.4f} | {value.hits}/{value.total} | {chance} |")
             else:
                 lines.append(f"| {key} | {float(value):.4f} | | |")

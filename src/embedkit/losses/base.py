@@ -67,6 +67,15 @@ class Loss(nn.Module):
         """Statistics of the last call as floats (empty before the first call)."""
         return {k: float(v) for k, v in self._last_stats.items()}
 
+    @property
+    def last_record(self) -> tuple[Tensor | None, dict[str, Tensor | float]]:
+        """The detached value and statistics of the last call, still as tensors.
+
+        For monitors that accumulate them on the device without a host sync;
+        :attr:`last_value` and :attr:`last_stats` are the float views.
+        """
+        return self._last_value, dict(self._last_stats)
+
     # -- algebra -----------------------------------------------------------------
     def __add__(self, other: object) -> LossSum:
         if isinstance(other, Loss):

@@ -14,7 +14,7 @@ from typing import Literal
 from scipy.stats import norm
 
 from .._checks import check_real
-from ..evaluation.report import Rate, _percent
+from ..evaluation.report import Rate, format_percent
 
 __all__ = ["ChanceVerdict", "chance_verdict", "describe_rate", "wilson_interval"]
 
@@ -107,4 +107,4 @@ def describe_rate(rate: Rate, *, confidence: float = 0.95) -> str:
         E.g. ``"45/25729 = 0.175% (chance 0.193%), 95% CI [0.13%, 0.234%]"``.
     """
     low, high = wilson_interval(rate.hits, rate.total, confidence=confidence)
-    return f"{rate}, {100 * confidence:g}% CI [{_percent(low)}, {_percent(high)}]"
+    return f"{rate}, {100 * confidence:g}% CI [{format_percent(low)}, {format_percent(high)}]"

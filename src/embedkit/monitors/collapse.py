@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import _describe, check_embeddings, check_int, check_labels, check_real
-from ..evaluation.report import Rate, _percent
+from .._checks import check_embeddings, check_int, check_labels, check_real, describe
+from ..evaluation.report import Rate, format_percent
 from ..similarity import working_dtype
 from .chance import chance_verdict, describe_rate, wilson_interval
 from .diagnosis import Diagnosis, non_finite
@@ -105,7 +105,7 @@ class ClassCollapseMonitor:
     def __init__(self, num_classes: int, topk: Sequence[int] = (1, 5), *, confidence: float = 0.95) -> None:
         self.num_classes = check_int(num_classes, "num_classes", low=2)
         if isinstance(topk, (str, bytes)) or not isinstance(topk, Sequence) or len(topk) == 0:
-            raise TypeError(f"topk must be a non-empty sequence of positive integers; got {_describe(topk)}")
+            raise TypeError(f"topk must be a non-empty sequence of positive integers; got {describe(topk)}")
         ks = sorted({check_int(k, "topk entries", low=1) for k in topk})
         self.topk: tuple[int, ...] = tuple(ks)
         self.confidence = check_real(
@@ -337,7 +337,7 @@ class ClassCollapseMonitor:
             what = f"every one of the {n} predictions is class {dominant}"
         else:
             what = (
-                f"class {dominant} takes {dominant_count}/{n} = {_percent(dominant_count / n)} of the "
+                f"class {dominant} takes {dominant_count}/{n} = {format_percent(dominant_count / n)} of the "
                 f"predictions; only {num_predicted} of the {num_label_classes} classes in the labels are "
                 "ever predicted"
             )

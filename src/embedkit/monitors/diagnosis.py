@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from .._checks import check_choice
-from ..evaluation.report import _plain
+from ..evaluation.report import to_plain
 
 __all__ = ["CODES", "DOCS_URL", "SEVERITIES", "Diagnosis", "Severity", "docs_link", "non_finite"]
 
@@ -114,7 +114,7 @@ class Diagnosis:
             "code": self.code,
             "severity": self.severity,
             "message": self.message,
-            "evidence": _plain(dict(self.evidence)),
+            "evidence": to_plain(dict(self.evidence)),
             "suggestion": self.suggestion,
             "docs": self.docs,
         }

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .._checks import check_embeddings, check_int, check_labels, check_matching_dim
 from ..evaluation.verification import roc_auc
-from ..similarity import _NORM_EPS, l2_normalize, pairwise_similarity, working_dtype
+from ..similarity import ZERO_NORM, l2_normalize, pairwise_similarity, working_dtype
 from .diagnosis import Diagnosis, non_finite
 from .report import MonitorReport
 
@@ -487,7 +487,7 @@ def _zero_non_finite_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _inverse(norms: Tensor) -> Tensor:
     """1 / norm, and 0 for (near-)zero norms, matching :func:`~embedkit.similarity.l2_normalize`."""
-    return torch.where(norms > _NORM_EPS, 1.0 / norms.clamp_min(_NORM_EPS), 0.0)
+    return torch.where(norms > ZERO_NORM, 1.0 / norms.clamp_min(ZERO_NORM), 0.0)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import _describe, check_int
+from .._checks import check_int, describe
 from ..evaluation.report import Rate
 
 __all__ = ["TrainingHistory"]
@@ -66,7 +66,7 @@ class TrainingHistory:
         """
         step = check_int(step, "step", low=0)
         if not isinstance(values, Mapping):
-            raise TypeError(f"values must be a mapping of name to number; got {_describe(values)}")
+            raise TypeError(f"values must be a mapping of name to number; got {describe(values)}")
         if self._steps and step < self._steps[-1]:
             raise ValueError(
                 f"step {step} is before the last recorded step {self._steps[-1]}; steps must not decrease"
@@ -213,7 +213,7 @@ class TrainingHistory:
         if not callable(getattr(writer, "add_scalar", None)):
             raise TypeError(
                 f"writer must have an add_scalar(tag, value, global_step) method, like "
-                f"torch.utils.tensorboard.SummaryWriter; got {_describe(writer)}"
+                f"torch.utils.tensorboard.SummaryWriter; got {describe(writer)}"
             )
         if not self._steps:
             raise ValueError("the history is empty; record() something before logging it")
@@ -245,4 +245,4 @@ def _as_value(value: Any, name: str) -> Value:
         return float(value)
     if isinstance(value, bool):
         return float(value)
-    raise TypeError(f"{name} must be a number, a Rate or a 0-d tensor; got {_describe(value)}")
+    raise TypeError(f"{name} must be a number, a Rate or a 0-d tensor; got {describe(value)}")

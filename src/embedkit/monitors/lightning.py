@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .._checks import _describe, check_int
+from .._checks import check_int, describe
 from ..losses.base import Loss
 from .collapse import ClassCollapseMonitor
 from .health import EmbeddingHealthMonitor
@@ -96,7 +96,7 @@ class MonitorCallbackBase:
             (history, "history", TrainingHistory),
         ):
             if value is not None and not isinstance(value, kind):
-                raise TypeError(f"{name} must be a {kind.__name__}; got {_describe(value)}")
+                raise TypeError(f"{name} must be a {kind.__name__}; got {describe(value)}")
         if collapse is None and health is None and losses is None:
             raise ValueError("give at least one of collapse=, health=, losses= to monitor")
         self.collapse, self.health, self.losses, self.loss_fn = collapse, health, losses, loss_fn

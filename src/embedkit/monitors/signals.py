@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from .._checks import _describe, check_int, check_real
+from .._checks import check_int, check_real, describe
 from ..evaluation.report import Rate
 from ..losses.base import Loss, LossSum
 from .chance import chance_verdict, describe_rate
@@ -126,12 +126,13 @@ class LossMonitor:
         """
         values: dict[str, Any] = {}
         if isinstance(loss, Loss):
-            if loss._last_value is None:
+            last_value, last_stats = loss.last_record
+            if last_value is None:
                 raise ValueError(
                     f"loss ({type(loss).__name__}) has not been called yet; call it before update()"
                 )
-            values["loss"] = loss._last_value
-            values.update(loss._last_stats)
+            values["loss"] = last_value
+            values.update(last_stats)
             self._margins.update(_margins_of(loss))
             self._names.setdefault("", type(loss).__name__)
         elif isinstance(loss, Mapping):
@@ -141,7 +142,7 @@ class LossMonitor:
         elif isinstance(loss, (float, int, Tensor)) and not isinstance(loss, bool):
             values["loss"] = loss
         else:
-            raise TypeError(f"loss must be an embedkit Loss, a mapping or a number; got {_describe(loss)}")
+            raise TypeError(f"loss must be an embedkit Loss, a mapping or a number; got {describe(loss)}")
         if self.margin is not None:
             for key in values:
                 if key.endswith(_ACTIVE):
@@ -150,7 +151,7 @@ class LossMonitor:
         if metrics is not None:
             if not isinstance(metrics, Mapping):
                 raise TypeError(
-                    f"metrics must be a mapping of name to number or Rate; got {_describe(metrics)}"
+                    f"metrics must be a mapping of name to number or Rate; got {describe(metrics)}"
                 )
             self.history.record(step, metrics, prefix="metric/")
 
@@ -328,7 +329,7 @@ def _margins_of(loss: Loss) -> dict[str, float]:
     margins = {}
     for prefix, term in terms:
         margin = getattr(term, "margin", None)
-        if _ACTIVE in term._last_stats and isinstance(margin, float) and margin > 0:
+        if _ACTIVE in term.last_record[1] and isinstance(margin, float) and margin > 0:
             margins[prefix] = margin
     return margins
 
