@@ -27,8 +27,9 @@ Cost. The first six metrics need one k-NN search of depth ``max(max R, max ks)``
 ``n_queries × depth`` results are held, never an ``n_queries × n_reference`` matrix. mAP
 needs the rank of *every* relevant reference, wherever it falls in the ranking, so it takes
 a second, chunked pass that scores every (query, reference) pair and places each score among
-the query's ``R`` relevant scores: ``O(n_queries · n_reference · (d + log R))`` time, a few
-times the search itself, and memory for one block of scores. ``compute_map=False`` skips it
+the query's ``R`` relevant scores: ``O(n_queries · n_reference · (d + log R))`` time (about
+five times the search itself at 10,000 embeddings, ``benchmarks/bench_evaluation.py``) and
+memory for one block of scores. ``compute_map=False`` skips it
 (``"map"`` is then absent from the report).
 """
 
