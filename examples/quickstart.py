@@ -1,23 +1,27 @@
-"""Quickstart: train a small embedding network with a composed embedkit loss.
+"""Quickstart: sampler → model → composed loss → monitors → gallery-probe evaluation.
 
-Runs on CPU in under a minute with no download. It builds synthetic "identities"
+Runs on CPU in about a minute with no download. It builds synthetic "identities"
 (each a random prototype seen through nuisance variation: a per-image pose-like
-rotation, lighting-like gain and noise), trains a small MLP with
+mix, lighting-like gain and noise), trains a small MLP with
 
     ArcFaceLoss + 0.5 * SupConLoss
 
-on P×K batches from ``PKSampler`` and prints, per epoch, the total loss, each
-term's value and the statistics the losses record (batch accuracy, positive and
-negative similarity), then identification accuracy on *held-out images* with its
-counts and chance level.
+on P×K batches from ``PKSampler``, runs embedkit's monitors on every step (class
+collapse on the ArcFace logits, embedding health, loss signals) and, after each
+epoch, identifies *held-out* probe images against a gallery of other images of the
+same identities — reported with counts and chance level, next to the untrained
+baseline. It ends with every diagnosis the monitors raised, and with ``--out`` writes
+``report.json``, ``report.md`` and figures.
 
-    python examples/quickstart.py [--epochs 8] [--device auto|cpu|cuda] [--seed 0]
+    python examples/quickstart.py [--epochs 6] [--device auto|cpu|cuda] [--seed 0] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,7 +33,7 @@ import embedkit as ek
 def make_identities(
     num_ids: int, per_id: int, input_dim: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images of ``num_ids`` identities: prototype, random rotation-like mix, gain and noise."""
+    """Images of ``num_ids`` identities: prototype, random pose-like mix, gain and noise."""
     prototypes = torch.randn(num_ids, input_dim, generator=generator)
     labels = torch.arange(num_ids).repeat_interleave(per_id)
     base = prototypes[labels]
@@ -41,76 +45,109 @@ def make_identities(
     return images, labels
 
 
-def nearest_neighbour_accuracy(
-    gallery: torch.Tensor,
-    gallery_labels: torch.Tensor,
-    probes: torch.Tensor,
-    probe_labels: torch.Tensor,
-) -> tuple[int, int]:
-    """Rank-1 hits of probes against a gallery of *other* images (cosine)."""
-    scores = ek.pairwise_similarity(probes, gallery)
-    predicted = gallery_labels[scores.argmax(dim=1)]
-    return int((predicted == probe_labels).sum()), len(probe_labels)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="folder for report.json, report.md, figures")
     args = parser.parse_args(argv)
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     generator = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
 
     num_ids, per_id, input_dim, embedding_dim = 100, 12, 64, 32
     images, labels = make_identities(num_ids, per_id, input_dim, generator)
-    # Disjoint images: 8 per identity to train on, 2 as gallery, 2 as probes.
+    # Disjoint images: 8 per identity to train on, 2 enrolled in the gallery, 2 as probes.
     slot = torch.arange(len(labels)) % per_id
     train, gallery, probe = slot < 8, (slot == 8) | (slot == 9), slot >= 10
 
     model = nn.Sequential(nn.Linear(input_dim, 128), nn.ReLU(), nn.Linear(128, embedding_dim)).to(device)
-    loss_fn = (ek.ArcFaceLoss(num_ids, embedding_dim, margin=0.3, scale=16.0) + 0.5 * ek.SupConLoss(0.1)).to(
-        device
-    )
+    arcface = ek.ArcFaceLoss(num_ids, embedding_dim, margin=0.3, scale=16.0)
+    loss_fn = (arcface + 0.5 * ek.SupConLoss(0.1)).to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=3e-3)
 
-    def identification() -> str:
+    def identification() -> ek.Report:
         with torch.no_grad():
-            g = model(images[gallery].to(device))
-            p = model(images[probe].to(device))
-        hits, total = nearest_neighbour_accuracy(g, labels[gallery].to(device), p, labels[probe].to(device))
-        return f"rank-1 {hits}/{total} = {hits / total:.1%} (chance {1 / num_ids:.1%})"
+            enrolled = model(images[gallery].to(device))
+            probes = model(images[probe].to(device))
+        return ek.Gallery().enrol(enrolled, labels[gallery]).identify(probes, labels[probe], ranks=(1, 5))
 
+    baseline = identification()
     print(f"device={device}  identities={num_ids}  train images={int(train.sum())}")
-    print(f"untrained: {identification()}")
-    x_train, y_train = images[train], labels[train]
-    # P identities × K images per batch, so every batch has positive pairs.
-    sampler = ek.PKSampler(y_train, p=16, k=4, seed=args.seed)
-    loader = DataLoader(TensorDataset(x_train, y_train), batch_sampler=sampler)
+    print(f"untrained baseline: rank-1 {baseline.rate('rank-1')}")
+
+    sampler = ek.PKSampler(labels[train], p=16, k=4, seed=args.seed)
+    loader = DataLoader(TensorDataset(images[train], labels[train]), batch_sampler=sampler)
+    loss_monitor = ek.LossMonitor(window=10)
+    step = 0
     for epoch in range(1, args.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
+        collapse = ek.ClassCollapseMonitor(num_ids, topk=(1, 5))
+        health = ek.EmbeddingHealthMonitor()
         total = 0.0
         for x, y in loader:
-            loss = loss_fn(model(x.to(device)), y.to(device))
+            x, y = x.to(device), y.to(device)
+            embeddings = model(x)
+            loss = loss_fn(embeddings, y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            # Monitors read what the step already computed; no host sync per step.
+            with torch.no_grad():
+                collapse.update(arcface.logits(embeddings), y)
+                health.update(embeddings, y)
+            loss_monitor.update(step, loss_fn)
             total += loss.item()
+            step += 1
         stats = loss_fn.last_stats
+        trained = identification()
         print(
-            f"epoch {epoch:2d}  loss {total / len(loader):7.3f}  "
-            f"arcface {stats['0.ArcFaceLoss.loss']:6.3f} (batch acc {stats['0.ArcFaceLoss.accuracy']:.2f})  "
-            f"supcon {stats['1.SupConLoss.loss']:5.3f} "
-            f"(pos sim {stats['1.SupConLoss.mean_positive_similarity']:+.2f}, "
-            f"neg sim {stats['1.SupConLoss.mean_negative_similarity']:+.2f})  "
-            f"{identification()}  [{time.perf_counter() - start:.1f}s]"
+            f"epoch {epoch}  loss {total / len(loader):6.3f}  "
+            f"(arcface {stats['0.ArcFaceLoss.loss']:.3f}, supcon {stats['1.SupConLoss.loss']:.3f})  "
+            f"train top-1 {collapse.compute().rate('top1_accuracy')}  "
+            f"held-out rank-1 {trained.rate('rank-1')}  [{time.perf_counter() - start:.1f}s]"
         )
+
+    reports = {
+        "identification (untrained)": baseline,
+        "identification (trained)": trained,
+        "class collapse (last epoch)": collapse.compute(),
+        "embedding health (last epoch)": health.compute(),
+        "loss signals": loss_monitor.compute(),
+    }
+    print()
+    for title, report in reports.items():
+        print(f"== {title}")
+        print(report)
+    diagnoses = [d for r in reports.values() for d in getattr(r, "diagnoses", ())]
+    print(f"\n{len(diagnoses)} diagnosis(es): {', '.join(d.code for d in diagnoses) or 'none'}")
+
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "report.json").write_text(
+            json.dumps({t: r.to_dict() for t, r in reports.items()}, indent=2) + "\n", encoding="utf-8"
+        )
+        (args.out / "report.md").write_text(
+            "\n".join(f"## {t}\n\n{r.to_markdown()}" for t, r in reports.items()), encoding="utf-8"
+        )
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from embedkit.plotting import plot_cmc
+
+            ax = plot_cmc(trained, label="trained")
+            plot_cmc(baseline.curves["cmc"], ax=ax, label="untrained baseline")
+            ax.set_title("held-out probes against the gallery")
+            ax.figure.savefig(args.out / "cmc.png", dpi=120)
+        except ImportError:
+            print("matplotlib is not installed: no figures (pip install embedkit[plot])")
+        print(f"wrote {args.out}/report.json, report.md and figures")
 
 
 if __name__ == "__main__":

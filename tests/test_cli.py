@@ -91,3 +91,24 @@ def test_python_dash_m(files) -> None:
         [sys.executable, "-m", "embedkit", "evaluate", "--help"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and "--gallery" in result.stdout
+
+
+def test_doctor_is_a_subcommand_and_names_collapse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``embedkit doctor`` runs the monitors: identical embeddings are complete collapse (exit 1)."""
+    path = tmp_path / "collapsed.npz"
+    np.savez(path, embeddings=np.ones((64, 16), dtype=np.float32), labels=np.arange(64) % 8)
+    assert main(["doctor", str(path)]) == 1
+    assert "complete_collapse" in capsys.readouterr().out
+
+
+def test_doctor_is_quiet_on_healthy_clusters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((8, 16))
+    labels = np.arange(400) % 8
+    embeddings = centres[labels] + 0.05 * rng.standard_normal((400, 16))
+    path = tmp_path / "healthy.npz"
+    np.savez(path, embeddings=embeddings.astype(np.float32), labels=labels)
+    assert main(["doctor", str(path)]) == 0
+    assert "error" not in capsys.readouterr().out.lower()

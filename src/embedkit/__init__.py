@@ -13,6 +13,7 @@ The public face of the package. Sub-packages:
 """
 
 from . import evaluation, losses, mining, monitors, samplers, similarity
+from .evaluation import Gallery, Rate, Report, knn, retrieval_metrics, verification_metrics
 from .losses import (
     ArcFaceLoss,
     CircleLoss,
@@ -49,6 +50,7 @@ __all__ = [
     "CosFaceLoss",
     "Diagnosis",
     "EmbeddingHealthMonitor",
+    "Gallery",
     "Loss",
     "LossMonitor",
     "LossSum",
@@ -58,6 +60,8 @@ __all__ = [
     "NormalizedSoftmaxLoss",
     "PKSampler",
     "ProxyAnchorLoss",
+    "Rate",
+    "Report",
     "SubCenterArcFaceLoss",
     "SupConLoss",
     "TrainingHistory",
@@ -67,11 +71,14 @@ __all__ = [
     "build_triplets",
     "count_triplets",
     "evaluation",
+    "knn",
     "losses",
     "mining",
     "monitors",
     "pairwise_distance",
     "pairwise_similarity",
+    "retrieval_metrics",
     "samplers",
     "similarity",
+    "verification_metrics",
 ]

@@ -1,4 +1,4 @@
-"""The ``embedkit`` command line.
+"""The ``embedkit`` command line: ``evaluate`` and ``doctor``.
 
 ``embedkit evaluate --gallery G.npz --probe P.npz [--out DIR]`` enrols the gallery, then
 reports closed-set identification (rank-k, CMC), open-set identification (DIR@FPIR, when
@@ -9,6 +9,10 @@ the tables, and with ``--out`` writes ``report.json``, ``report.md`` and figures
 Inputs are ``.npz`` files holding ``embeddings`` (n, d) and ``labels`` (n,) arrays, and
 optionally ``image_ids`` (n,) — or ``.npy`` files of embeddings with the labels in a
 second ``.npy`` (``--gallery-labels``, ``--probe-labels``).
+
+``embedkit doctor EMBEDDINGS.npz [--logits LOGITS.npy]`` runs the monitors on saved
+embeddings (and classifier logits) and prints every diagnosis; see
+:mod:`embedkit.monitors.cli`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 from .evaluation.gallery import Gallery
 from .evaluation.report import Report
 from .evaluation.retrieval import retrieval_metrics
+from .monitors.cli import add_doctor_parser, run_doctor
 from .similarity import METRICS
 
 __all__ = ["load_embeddings", "main"]
@@ -92,12 +97,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-map", action="store_true", help="skip full-ranking mAP (an extra pass)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.add_argument("--no-figures", action="store_true", help="write no figures")
+    add_doctor_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 on success, 2 on bad input)."""
+    """Run the command line; returns the exit status.
+
+    0 on success, 2 on bad input; ``doctor`` returns 1 when an error-level diagnosis
+    fires.
+    """
     args = _parser().parse_args(argv)
+    if args.command == "doctor":
+        return run_doctor(args)  # handles its own errors: 0 ok, 1 error diagnosis, 2 bad input
     try:
         return _evaluate(args)
     except (ValueError, TypeError, OSError) as error:

@@ -206,7 +206,9 @@ def plot_score_histograms(
     return ax
 
 
-def plot_cmc(cmc_values_or_report: Any, ax: Any = None, *, chance: Any = None) -> Any:
+def plot_cmc(
+    cmc_values_or_report: Any, ax: Any = None, *, chance: Any = None, label: str = "CMC"
+) -> Any:
     """The CMC curve: identification rate against rank, with the chance level.
 
     Parameters
@@ -220,6 +222,9 @@ def plot_cmc(cmc_values_or_report: Any, ax: Any = None, *, chance: Any = None) -
         The chance level: a float is the rank-1 chance (``1 / gallery identities``), and
         rank ``k`` then has chance ``min(1, k * chance)``; an array gives it per rank.
         Taken from the report's ``curves["cmc_chance"]`` when omitted.
+    label : str
+        Legend entry of the curve; call again on the same ``ax`` with another label to
+        compare runs (each curve takes the next colour of the cycle).
 
     Returns
     -------
@@ -253,7 +258,7 @@ def plot_cmc(cmc_values_or_report: Any, ax: Any = None, *, chance: Any = None) -
                     "expected a float or one chance level per rank"
                 )
     ax = _axes(ax)
-    ax.plot(ranks, values, marker="o" if values.shape[0] <= 30 else None, color="C0", label="CMC")
+    ax.plot(ranks, values, marker="o" if values.shape[0] <= 30 else None, label=label)
     if chance is not None:
         ax.plot(ranks, chance_values, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xlabel("rank")

@@ -112,8 +112,11 @@ class Report(Mapping[str, float]):
     curves: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> float:
+        return float(self._metric(key))
+
+    def _metric(self, key: str) -> float | Rate:
         try:
-            return float(self.metrics[key])
+            return self.metrics[key]
         except KeyError:
             known = ", ".join(repr(k) for k in self.metrics)
             raise KeyError(f"{key!r} is not in this {self.title} report; it has {known}") from None
@@ -126,7 +129,7 @@ class Report(Mapping[str, float]):
 
     def rate(self, key: str) -> Rate | None:
         """The :class:`Rate` behind ``key`` (counts and chance), or ``None`` for plain values."""
-        value = self.metrics[key]
+        value = self._metric(key)
         return value if isinstance(value, Rate) else None
 
     def to_dict(self) -> dict[str, Any]:
