@@ -206,9 +206,7 @@ def plot_score_histograms(
     return ax
 
 
-def plot_cmc(
-    cmc_values_or_report: Any, ax: Any = None, *, chance: Any = None, label: str = "CMC"
-) -> Any:
+def plot_cmc(cmc_values_or_report: Any, ax: Any = None, *, chance: Any = None, label: str = "CMC") -> Any:
     """The CMC curve: identification rate against rank, with the chance level.
 
     Parameters
