@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedkit.evaluation import knn as knn_module
-from embedkit.evaluation.knn import knn, resolve_backend
+from embedkit.evaluation import search as knn_module
+from embedkit.evaluation.search import knn, resolve_backend
 from embedkit.similarity import chunked_topk, pairwise_similarity
 
 METRICS = ["cosine", "dot", "euclidean", "squared_euclidean"]

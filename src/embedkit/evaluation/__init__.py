@@ -5,7 +5,7 @@ Every accuracy is a :class:`Rate` with its counts and chance level, and every re
 """
 
 from .gallery import Gallery
-from .knn import knn
+from .search import knn
 from .report import Rate, Report
 from .retrieval import retrieval_metrics
 from .verification import (

@@ -45,7 +45,7 @@ from torch import Tensor
 from .._checks import check_choice, check_matching_dim
 from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
 from ._inputs import as_embeddings, as_labels, check_ks, progress_bar, to_numpy
-from .knn import Backend, search_checked
+from .search import Backend, search_checked
 from .report import Rate, Report
 
 __all__ = ["average_precision_full", "hit_chance", "retrieval_metrics"]
@@ -86,7 +86,7 @@ def retrieval_metrics(
     metric : {"cosine", "dot", "euclidean", "squared_euclidean"}
         Similarity used for the ranking.
     backend : {"auto", "faiss", "faiss-ivf", "faiss-hnsw", "torch"}
-        k-NN back-end (see :func:`embedkit.evaluation.knn.knn`). The mAP pass always runs
+        k-NN back-end (see :func:`embedkit.evaluation.search.knn`). The mAP pass always runs
         on torch, on the queries' device.
     compute_map : bool
         Compute ``"map"`` over the full ranking (an extra pass; see the module notes).
