@@ -5,9 +5,9 @@ Every accuracy is a :class:`Rate` with its counts and chance level, and every re
 """
 
 from .gallery import Gallery
-from .search import knn
 from .report import Rate, Report
 from .retrieval import retrieval_metrics
+from .search import knn
 from .verification import (
     best_threshold_accuracy,
     equal_error_rate,

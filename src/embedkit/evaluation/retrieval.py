@@ -45,8 +45,8 @@ from torch import Tensor
 from .._checks import check_choice, check_matching_dim
 from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
 from ._inputs import as_embeddings, as_labels, check_ks, progress_bar, to_numpy
-from .search import Backend, search_checked
 from .report import Rate, Report
+from .search import Backend, search_checked
 
 __all__ = ["average_precision_full", "hit_chance", "retrieval_metrics"]
 
