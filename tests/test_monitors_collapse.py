@@ -187,6 +187,34 @@ def test_shifted_labels_are_below_chance() -> None:
     assert "0/500" in below.message
 
 
+def test_a_collapsed_class_that_drifts_between_batches_is_still_class_collapse() -> None:
+    """Each batch all one class, but a different class each step (the head's weights move):
+    the epoch histogram spreads over many classes, the batches are still collapsed."""
+    gen = torch.Generator().manual_seed(3)
+    monitor = ClassCollapseMonitor(50)
+    for step in range(20):
+        labels = torch.randint(0, 50, (100,), generator=gen)
+        logits = torch.randn(100, 50, generator=gen) * 0.1
+        logits[:, (7 * step) % 50] += 5.0  # every sample of this batch -> one class
+        monitor.update(logits, labels)
+    report = monitor.compute()
+    assert report["num_predicted_classes"] == 20 and report["dominant_class_absorption"] < 0.1
+    assert report["batch_dominant_absorption"] > 0.95
+    collapse = report.diagnosis("class_collapse")
+    assert collapse is not None and "changes between batches" in collapse.message
+
+
+def test_pk_batches_of_two_classes_are_not_collapse() -> None:
+    """P=2 classes per batch: each predicted class fills half the batch, correctly."""
+    gen = torch.Generator().manual_seed(4)
+    monitor = ClassCollapseMonitor(50)
+    for step in range(20):
+        classes = torch.randperm(50, generator=gen)[:2]
+        labels = classes.repeat_interleave(32)
+        monitor.update(_healthy_logits(labels, 50, gen), labels)
+    assert "class_collapse" not in monitor.compute().codes
+
+
 def test_top_k_with_k_at_least_the_classes_is_never_below_chance() -> None:
     """Top-5 of 2 classes is 100% whatever the model does: no verdict either way."""
     labels = torch.arange(2).repeat(14)

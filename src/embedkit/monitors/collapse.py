@@ -58,6 +58,10 @@ class _CollapseState:
     predicted: Tensor  # (C,) prediction histogram
     wrong_predicted: Tensor  # (C,) predictions of class c for samples whose label is not c
     labels: Tensor  # (C,) label histogram
+    # Within each batch, the class that takes the most predictions of samples of other
+    # classes: its count of those predictions, and the batch's samples of other classes.
+    batch_absorbed: Tensor
+    batch_others: Tensor
     topk_hits: Tensor  # (len(topk),)
     ks: Tensor  # (len(topk),) the k's, min(k, C), kept on the device
     sum_max_softmax: Tensor
@@ -95,6 +99,9 @@ class ClassCollapseMonitor:
     constant logits never score), ``num_predicted_classes``, ``num_label_classes``,
     ``dominant_class``, ``dominant_class_share``, ``dominant_class_absorption`` (share of
     the samples of *other* classes predicted as the dominant class),
+    ``batch_dominant_absorption`` (the same measured inside each batch for that batch's
+    most-absorbing class, pooled over batches: it catches a head that gives a whole batch
+    one class that changes from step to step),
     ``accuracy_ceiling`` (the best top-1 accuracy possible with the set of classes
     that is ever predicted), ``prediction_entropy`` (entropy of the prediction
     histogram divided by ``log C``: 0 for one class, 1 for uniform),
@@ -130,6 +137,8 @@ class ClassCollapseMonitor:
             predicted=zeros(c),
             wrong_predicted=zeros(c),
             labels=zeros(c),
+            batch_absorbed=zeros(),
+            batch_others=zeros(),
             topk_hits=zeros(len(self.topk)),
             ks=torch.tensor([min(k, c) for k in self.topk], dtype=torch.int32, device=device),
             sum_max_softmax=zeros(dtype=torch.float64),
@@ -187,8 +196,16 @@ class ClassCollapseMonitor:
             state.topk_hits += ((rank[:, None] <= state.ks[None, :]) & used[:, None]).sum(dim=0)
 
             state.predicted.index_add_(0, predicted, used_long)
-            state.labels.index_add_(0, y, used_long)
-            state.wrong_predicted.index_add_(0, predicted, (used & (predicted != y)).long())
+            batch_labels = torch.zeros_like(state.labels).index_add_(0, y, used_long)
+            batch_wrong = torch.zeros_like(state.wrong_predicted)
+            batch_wrong.index_add_(0, predicted, (used & (predicted != y)).long())
+            state.labels += batch_labels
+            state.wrong_predicted += batch_wrong
+            # A head can give every sample of a batch the same class while that class drifts
+            # from step to step: the epoch histogram then spreads, the batches do not.
+            worst = batch_wrong.argmax()
+            state.batch_absorbed += batch_wrong[worst]
+            state.batch_others += used_long.sum() - batch_labels[worst]
 
             max_softmax = max_log_prob.exp()
             row_sq = torch.linalg.vector_norm(x, dim=1) ** 2
@@ -250,6 +267,8 @@ class ClassCollapseMonitor:
         dominant_count = int(predicted[dominant])
         others = n - int(label_hist[dominant])
         absorption = int(s.wrong_predicted[dominant]) / others if others else math.nan
+        batch_others = int(s.batch_others)
+        batch_absorption = int(s.batch_absorbed) / batch_others if batch_others else math.nan
         shares = predicted.double() / n
         entropy = max(0.0, float(-(shares[shares > 0] * shares[shares > 0].log()).sum()) / math.log(c))
         num_predicted = int((predicted > 0).sum())
@@ -267,6 +286,7 @@ class ClassCollapseMonitor:
             dominant_class=dominant,
             dominant_class_share=dominant_count / n,
             dominant_class_absorption=absorption,
+            batch_dominant_absorption=batch_absorption,
             accuracy_ceiling=ceiling,
             prediction_entropy=entropy,
             mean_max_softmax=mean_confidence,
@@ -284,6 +304,8 @@ class ClassCollapseMonitor:
             num_label_classes,
             ceiling,
             entropy,
+            batch_absorption,
+            batch_others,
         )
         if collapse is not None:
             diagnoses.append(collapse)
@@ -325,16 +347,25 @@ class ClassCollapseMonitor:
         num_label_classes: int,
         ceiling: float,
         entropy: float,
+        batch_absorption: float,
+        batch_others: int,
     ) -> Diagnosis | None:
         c = self.num_classes
         absorption_threshold = 1 / c + ABSORPTION_FRACTION * (1 - 1 / c)
         absorbed = others >= MIN_OTHER_SAMPLES and absorption >= absorption_threshold
+        absorbed_in_batches = batch_others >= MIN_OTHER_SAMPLES and batch_absorption >= absorption_threshold
         class_threshold = PREDICTED_CLASS_FRACTION * num_label_classes
         too_few = num_label_classes >= MIN_LABEL_CLASSES and num_predicted <= class_threshold
-        if not (absorbed or too_few):
+        if not (absorbed or absorbed_in_batches or too_few):
             return None
         if dominant_count == n:
             what = f"every one of the {n} predictions is class {dominant}"
+        elif absorbed_in_batches and not (absorbed or too_few):
+            what = (
+                f"within each batch one class takes {format_percent(batch_absorption)} of the predictions "
+                f"for samples of other classes, but which class changes between batches (over all batches "
+                f"{num_predicted} classes are predicted, class {dominant} most often)"
+            )
         else:
             what = (
                 f"class {dominant} takes {dominant_count}/{n} = {format_percent(dominant_count / n)} of the "
@@ -349,6 +380,7 @@ class ClassCollapseMonitor:
                 "dominant_class": dominant,
                 "dominant_class_share": dominant_count / n,
                 "dominant_class_absorption": absorption,
+                "batch_dominant_absorption": batch_absorption,
                 "absorption_threshold": absorption_threshold,
                 "num_predicted_classes": num_predicted,
                 "num_label_classes": num_label_classes,
