@@ -208,7 +208,7 @@ def test_pk_batches_of_two_classes_are_not_collapse() -> None:
     """P=2 classes per batch: each predicted class fills half the batch, correctly."""
     gen = torch.Generator().manual_seed(4)
     monitor = ClassCollapseMonitor(50)
-    for step in range(20):
+    for _ in range(20):
         classes = torch.randperm(50, generator=gen)[:2]
         labels = classes.repeat_interleave(32)
         monitor.update(_healthy_logits(labels, 50, gen), labels)
