@@ -20,6 +20,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from _factories import one_cpu_thread
+
 LAYOUTS = ("pk", "long_tailed")
 DEGENERATE_LAYOUTS = ("one_class", "all_distinct", "two_same", "two_different", "duplicates")
 SEEDS = (0, 1, 2)
@@ -116,14 +118,6 @@ def duplicate_groups(x: Tensor) -> Tensor:
     return torch.nn.functional.one_hot(inverse).to(x.dtype)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run a module's tests with one intra-op thread, restoring the setting afterwards.
-
-    These tests make thousands of tiny tensor ops; on a shared machine, thread
-    hand-offs cost more than the arithmetic (about 10x here).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# These tests make thousands of tiny tensor ops; thread hand-offs cost more than the
+# arithmetic, so the modules importing this fixture run on one intra-op thread.
+one_thread = pytest.fixture(autouse=True, scope="module")(one_cpu_thread)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ __all__ = [
     "check_class_labels",
     "check_embeddings",
     "check_int",
+    "check_ks",
     "check_labels",
     "check_matching_dim",
     "check_real",
@@ -393,3 +394,25 @@ def check_rate_targets(targets: Any, name: str) -> tuple[float, ...]:
 
 
 __all__ += ["check_rate_targets"]
+
+
+def check_ks(ks: Any, name: str = "ks") -> tuple[int, ...]:
+    """Check a cut-off list such as ``ks=(1, 5, 10)`` or ``ranks=...``.
+
+    Parameters
+    ----------
+    ks : int or sequence of int
+        One positive integer, or a non-empty sequence or 1-D array of them.
+    name : str
+        The argument's name, used in error messages.
+
+    Returns
+    -------
+    tuple of int
+        Sorted, without duplicates.
+    """
+    if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
+        ks = (ks,)
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, (Sequence, np.ndarray)) or len(ks) == 0:
+        raise TypeError(f"{name} must be a non-empty sequence of positive integers; got {describe(ks)}")
+    return tuple(sorted({check_int(k, name, low=1) for k in ks}))

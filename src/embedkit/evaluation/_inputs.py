@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import as_label_array, check_embeddings, check_int, check_labels, describe
+from .._checks import as_label_array, check_embeddings, check_labels, describe
 
-__all__ = ["as_embeddings", "as_image_ids", "as_labels", "check_ks", "progress_bar", "to_numpy"]
+__all__ = ["as_embeddings", "as_image_ids", "as_labels", "progress_bar", "to_numpy"]
 
 
 def as_embeddings(embeddings: Any, name: str = "embeddings") -> Tensor:
@@ -100,15 +100,6 @@ def as_image_ids(image_ids: Any, num_rows: int, name: str = "image_ids", *, rows
     if array.dtype.kind == "f":
         raise TypeError(f"{name} must hold integers or strings; got dtype {array.dtype}")
     return array
-
-
-def check_ks(ks: Any, name: str = "ks") -> tuple[int, ...]:
-    """Validate a non-empty collection of positive integers; return it sorted and unique."""
-    if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
-        ks = (ks,)
-    if isinstance(ks, (str, bytes)) or not isinstance(ks, (Sequence, np.ndarray)) or len(ks) == 0:
-        raise TypeError(f"{name} must be a non-empty sequence of positive integers; got {describe(ks)}")
-    return tuple(sorted({check_int(k, name, low=1) for k in ks}))
 
 
 def to_numpy(x: Tensor) -> np.ndarray:

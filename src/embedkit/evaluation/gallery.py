@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_matching_dim, check_rate_targets
+from .._checks import check_choice, check_ks, check_matching_dim, check_rate_targets
 from ..similarity import METRICS, Metric, l2_normalize, similarity_blocks, working_dtype
-from ._inputs import as_embeddings, as_image_ids, as_labels, check_ks, progress_bar, to_numpy
+from ._inputs import as_embeddings, as_image_ids, as_labels, progress_bar, to_numpy
 from .report import Rate, Report
 from .verification import verification_metrics
 

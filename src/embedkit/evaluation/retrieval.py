@@ -42,9 +42,9 @@ import torch
 from scipy.special import gammaln
 from torch import Tensor
 
-from .._checks import check_choice, check_matching_dim
+from .._checks import check_choice, check_ks, check_matching_dim
 from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
-from ._inputs import as_embeddings, as_labels, check_ks, progress_bar, to_numpy
+from ._inputs import as_embeddings, as_labels, progress_bar, to_numpy
 from .report import Rate, Report
 from .search import Backend, search_checked
 
