@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from embedkit.evaluation.report import Rate
 from embedkit.monitors import ClassCollapseMonitor, chance_verdict, describe_rate, wilson_interval
+from embedkit.monitors.collapse import FOLD_EVERY
 
 FAST = settings(max_examples=8, deadline=None)
 
@@ -265,9 +266,10 @@ def test_statistics_match_a_plain_recomputation(seed: int, n: int, c: int, batch
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, c, generator=gen, dtype=torch.float64) * 3
     labels = torch.randint(0, c, (n,), generator=gen)
-    monitor = ClassCollapseMonitor(c, topk=(1, 3, 50))
+    monitor = ClassCollapseMonitor(c, topk=(1, 3, 50), softmax_rows=None)
     _feed(monitor, logits, labels, batch)
     report = monitor.compute()
+    assert report.counts["softmax_samples"] == n
     for k in (1, 3, 50):
         expected = int((logits.topk(min(k, c), dim=1).indices == labels[:, None]).any(dim=1).sum())
         assert report.rate(f"top{k}_accuracy") == Rate(expected, n, min(k, c) / c)
@@ -281,6 +283,75 @@ def test_statistics_match_a_plain_recomputation(seed: int, n: int, c: int, batch
     assert report["prediction_entropy"] == pytest.approx(
         float(-(p * p.log()).sum()) / torch.log(torch.tensor(c))
     )
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 300), rows=st.integers(1, 64), batch=st.integers(1, 100))
+def test_confidence_and_logit_moments_come_from_the_first_softmax_rows_of_each_batch(
+    seed: int, n: int, rows: int, batch: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, 7, generator=gen, dtype=torch.float64) * 3
+    monitor = ClassCollapseMonitor(7, softmax_rows=rows)
+    _feed(monitor, logits, torch.randint(0, 7, (n,), generator=gen), batch)
+    sampled = torch.cat([logits[start : start + batch][:rows] for start in range(0, n, batch)])
+    report = monitor.compute()
+    assert report.counts["softmax_samples"] == sampled.shape[0]
+    assert report.counts["samples"] == n
+    assert report["mean_max_softmax"] == pytest.approx(float(torch.softmax(sampled, 1).amax(1).mean()))
+    assert report["logit_mean"] == pytest.approx(float(sampled.mean()), abs=1e-9)
+    assert report["logit_std"] == pytest.approx(float(sampled.std(unbiased=False)))
+
+
+def test_predictions_follow_argmax_on_ties_and_saturated_logits() -> None:
+    # Ties go to the first column (torch.argmax's rule), so constant logits all predict class 0;
+    # logits 1,000 apart (exp underflows, the cheap path clamps) keep exact confidence 1.
+    gen = torch.Generator().manual_seed(3)
+    tied = torch.randint(0, 3, (200, 50), generator=gen).float()  # many ties at the maximum
+    wide = torch.randn(200, 50, generator=gen) * 1000
+    labels = torch.randint(0, 50, (200,), generator=gen)
+    for logits in (tied, wide, torch.zeros(200, 50)):
+        monitor = ClassCollapseMonitor(50, topk=(1,), softmax_rows=None)
+        monitor.update(logits, labels)
+        report = monitor.compute()
+        histogram = torch.bincount(logits.argmax(dim=1), minlength=50)
+        assert report["dominant_class"] == int(histogram.argmax())
+        assert report["dominant_class_share"] == int(histogram.max()) / 200
+        assert report["num_predicted_classes"] == int((histogram > 0).sum())
+        expected = float(torch.softmax(logits.double(), 1).amax(1).mean())
+        assert report["mean_max_softmax"] == pytest.approx(expected, rel=1e-6)
+    assert report["dominant_class"] == 0 and report["dominant_class_share"] == 1.0
+
+
+def test_compute_at_any_time_and_many_classes_give_the_same_counts() -> None:
+    # Batches are counted FOLD_EVERY at a time (fewer when C is large); compute() counts the
+    # pending ones, so reading a report mid-stream must change nothing.
+    gen = torch.Generator().manual_seed(5)
+    for num_classes in (30, 300_000):
+        logits = torch.randn(60, num_classes, generator=gen)
+        labels = torch.randint(0, num_classes, (60,), generator=gen)
+        logits[:30, 7] += 10  # class 7 takes the first half
+        streamed, once = ClassCollapseMonitor(num_classes), ClassCollapseMonitor(num_classes)
+        for start in range(0, 60, 5):
+            streamed.update(logits[start : start + 5], labels[start : start + 5])
+            if start in (10, 35):
+                streamed.compute()
+        once.update(logits, labels)
+        a, b = streamed.compute(), once.compute()
+        for key in ("top1_accuracy", "top5_accuracy", "num_predicted_classes", "dominant_class"):
+            assert a[key] == b[key], key
+        assert a["dominant_class_share"] == b["dominant_class_share"] == pytest.approx(0.5, abs=0.05)
+        assert a.counts == b.counts
+        histogram = torch.bincount(logits.argmax(dim=1), minlength=num_classes)
+        assert a["num_predicted_classes"] == int((histogram > 0).sum())
+        absorbed = others = 0
+        for start in range(0, 60, 5):  # per batch: the class taking most other-class predictions
+            predicted, truth = logits[start : start + 5].argmax(dim=1), labels[start : start + 5]
+            taken = torch.bincount(predicted[predicted != truth], minlength=num_classes)
+            worst = int(taken.argmax())
+            absorbed += int(taken[worst])
+            others += int((truth != worst).sum())
+        assert a["batch_dominant_absorption"] == pytest.approx(absorbed / others)
 
 
 def test_half_precision_logits_are_accepted() -> None:
@@ -322,6 +393,8 @@ def test_bad_input_is_named() -> None:
         ClassCollapseMonitor(5, topk=5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="topk"):
         ClassCollapseMonitor(5, topk=(0,))
+    with pytest.raises(ValueError, match="softmax_rows"):
+        ClassCollapseMonitor(5, softmax_rows=0)
     monitor = ClassCollapseMonitor(5)
     with pytest.raises(ValueError, match=r"logits has 4 columns.*num_classes=5"):
         monitor.update(torch.zeros(2, 4), torch.tensor([0, 1]))
@@ -355,8 +428,9 @@ def test_update_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch) 
     logits, labels = torch.randn(64, 50), torch.randint(0, 50, (64,))
     monitor.update(logits, labels)  # the first call creates the state
     with _no_host_reads(monkeypatch):
-        monitor.update(logits, labels)
-    assert monitor.compute().rate("top1_accuracy").total == 128  # type: ignore[union-attr]
+        for _ in range(FOLD_EVERY + 1):  # through a fold of the pending batches
+            monitor.update(logits, labels)
+    assert monitor.compute().rate("top1_accuracy").total == 64 * (FOLD_EVERY + 2)  # type: ignore[union-attr]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -367,7 +441,8 @@ def test_update_does_not_synchronise_cuda() -> None:
     monitor.update(logits, labels)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        monitor.update(logits, labels)
+        for _ in range(FOLD_EVERY + 1):  # through a fold of the pending batches
+            monitor.update(logits, labels)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert monitor.compute().counts["samples"] == 2048
+    assert monitor.compute().counts["samples"] == 1024 * (FOLD_EVERY + 2)

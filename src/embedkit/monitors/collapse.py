@@ -11,11 +11,14 @@ accumulates counts in tensors on the logits' device, without a device-to-host sy
 (no ``.item()``, no ``bincount`` — whose CUDA kernel reads the maximum back — and no
 data-dependent shapes); :meth:`~ClassCollapseMonitor.compute` reads them back once
 and interprets them; :meth:`~ClassCollapseMonitor.reset` starts over. Every
-statistic is exact over all rows seen since the last reset.
+statistic is exact over all rows seen since the last reset, except the mean
+max-softmax confidence and the logit mean and spread, which by default come from the
+first 128 rows of each batch (``softmax_rows``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,25 +51,42 @@ CONFIDENCE_GAP = 0.5
 #: overconfident needs at least this many samples.
 MIN_CONFIDENCE_SAMPLES = 20
 
+# update() keeps each batch's per-row results and counts them FOLD_EVERY batches at a
+# time: every tensor operation costs microseconds of dispatch whatever its size, and
+# counting one batch takes some thirty of them. The per-batch histograms of a fold are
+# a (batches, C) table, so fewer batches are folded together when C is large.
+FOLD_EVERY = 8
+FOLD_CELLS = 2**20
+
 
 @dataclass
 class _CollapseState:
-    count: Tensor  # rows counted (finite logits, valid label)
-    seen: Tensor  # rows passed to update
-    non_finite_rows: Tensor
-    invalid_labels: Tensor
-    predicted: Tensor  # (C,) prediction histogram
-    wrong_predicted: Tensor  # (C,) predictions of class c for samples whose label is not c
+    seen: int  # rows passed to update
+    # (3 + len(topk),): rows counted (finite logits and a valid label), rows with finite
+    # logits, rows with a valid label, then the top-k hits for each k
+    row_counts: Tensor
+    # (C, 2): predictions of class c, and predictions of class c for samples of other classes
+    histograms: Tensor
     labels: Tensor  # (C,) label histogram
-    # Within each batch, the class that takes the most predictions of samples of other
-    # classes: its count of those predictions, and the batch's samples of other classes.
-    batch_absorbed: Tensor
-    batch_others: Tensor
-    topk_hits: Tensor  # (len(topk),)
+    # (2,): within each batch, the class that takes the most predictions of samples of
+    # other classes: its count of those predictions, and the batch's samples of other classes.
+    batch_absorption: Tensor
     ks: Tensor  # (len(topk),) the k's, min(k, C), kept on the device
-    sum_max_softmax: Tensor
-    logit_sum: Tensor
-    logit_sum_sq: Tensor
+    # (4,) float64, over the first softmax_rows counted rows of each batch: their number,
+    # and their sums of max-softmax confidence, of logits and of squared logits.
+    sampled_sums: Tensor
+
+
+@dataclass
+class _BatchFacts:
+    """What update() keeps of one batch until it is counted (all on the logits' device)."""
+
+    predicted: Tensor  # (b,) int64, argmax of each row
+    labels: Tensor  # (b,) int64, clamped into [0, C)
+    finite: Tensor  # (b,) bool, the row's logits are finite
+    valid: Tensor  # (b,) bool, the label was in [0, C)
+    rank: Tensor  # (b,) classes scoring at least as high as the true class
+    sampled: Tensor  # (h, 3) of the first h rows: max-softmax, sum and sum of squares of the logits
 
 
 class ClassCollapseMonitor:
@@ -81,6 +101,12 @@ class ClassCollapseMonitor:
         computed as top-``C`` (always a hit, chance 100%).
     confidence : float
         Coverage of the Wilson intervals used to compare accuracies with chance.
+    softmax_rows : int or None
+        Rows of each batch (the first ones) on which the max-softmax confidence and the
+        logit mean and spread are measured; ``None`` for all rows (exact, about 1.5× the
+        update cost at batch 1,024 and 1,000 classes: the softmax needs an ``exp`` of
+        every logit). Default 128; ``counts["softmax_samples"]`` says how many rows these
+        statistics rest on.
 
     Examples
     --------
@@ -105,11 +131,19 @@ class ClassCollapseMonitor:
     ``accuracy_ceiling`` (the best top-1 accuracy possible with the set of classes
     that is ever predicted), ``prediction_entropy`` (entropy of the prediction
     histogram divided by ``log C``: 0 for one class, 1 for uniform),
-    ``mean_max_softmax``, ``logit_mean``, ``logit_std`` (over all entries).
-    Rows with a NaN/inf logit are counted and left out of every statistic.
+    ``mean_max_softmax``, ``logit_mean`` and ``logit_std`` (over every entry of the
+    ``softmax_rows`` of each batch); every other statistic is exact over all rows. Rows
+    with a NaN/inf logit are counted and left out of every statistic.
     """
 
-    def __init__(self, num_classes: int, topk: Sequence[int] = (1, 5), *, confidence: float = 0.95) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        topk: Sequence[int] = (1, 5),
+        *,
+        confidence: float = 0.95,
+        softmax_rows: int | None = 128,
+    ) -> None:
         self.num_classes = check_int(num_classes, "num_classes", low=2)
         if isinstance(topk, (str, bytes)) or not isinstance(topk, Sequence) or len(topk) == 0:
             raise TypeError(f"topk must be a non-empty sequence of positive integers; got {describe(topk)}")
@@ -118,11 +152,16 @@ class ClassCollapseMonitor:
         self.confidence = check_real(
             confidence, "confidence", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
         )
+        self.softmax_rows = None if softmax_rows is None else check_int(softmax_rows, "softmax_rows", low=1)
         self._state: _CollapseState | None = None
+        self._pending: list[_BatchFacts] = []
+        self._fold_every = max(1, min(FOLD_EVERY, FOLD_CELLS // self.num_classes))
+        self._reversed: Tensor | None = None  # C-1, ..., 1, 0, see _scan_rows
 
     def reset(self) -> None:
         """Forget every batch seen so far."""
         self._state = None
+        self._pending = []
 
     def _new_state(self, device: torch.device) -> _CollapseState:
         def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> Tensor:
@@ -130,20 +169,13 @@ class ClassCollapseMonitor:
 
         c = self.num_classes
         return _CollapseState(
-            count=zeros(),
-            seen=zeros(),
-            non_finite_rows=zeros(),
-            invalid_labels=zeros(),
-            predicted=zeros(c),
-            wrong_predicted=zeros(c),
+            seen=0,
+            row_counts=zeros(3 + len(self.topk)),
+            histograms=zeros(c, 2),
             labels=zeros(c),
-            batch_absorbed=zeros(),
-            batch_others=zeros(),
-            topk_hits=zeros(len(self.topk)),
+            batch_absorption=zeros(2),
             ks=torch.tensor([min(k, c) for k in self.topk], dtype=torch.int32, device=device),
-            sum_max_softmax=zeros(dtype=torch.float64),
-            logit_sum=zeros(dtype=torch.float64),
-            logit_sum_sq=zeros(dtype=torch.float64),
+            sampled_sums=zeros(4, dtype=torch.float64),
         )
 
     def update(self, logits: Tensor, labels: Any) -> None:
@@ -168,59 +200,118 @@ class ClassCollapseMonitor:
         if self._state is None:
             self._state = self._new_state(logits.device)
         state = self._state
-        if state.count.device != logits.device:
+        if state.row_counts.device != logits.device:
             raise ValueError(
-                f"logits is on {logits.device} but earlier batches were on {state.count.device}; "
+                f"logits is on {logits.device} but earlier batches were on {state.row_counts.device}; "
                 "call reset() before switching devices"
             )
         with torch.no_grad():
-            x = logits.detach().to(working_dtype(logits.dtype))
+            x = logits.detach()
+            if x.dtype != working_dtype(x.dtype):
+                x = x.float()
             # A row holds NaN/inf exactly when its sum does (or when the sum overflows, at
             # |logit| ~ 1e35): one cheap reduction instead of an element-wise isfinite.
-            # Such rows stay in the tensors below but carry weight 0 everywhere.
+            # Such rows are kept but carry weight 0 in every count.
             row_sum = x.sum(dim=1)
-            finite = torch.isfinite(row_sum)
-            valid = (labels >= 0) & (labels < self.num_classes)
-            used = finite & valid
             y = labels.clamp(0, self.num_classes - 1)
-            used_long = used.long()
+            head = self._softmax_rows(x.shape[0])
+            predicted, rank, max_softmax = self._scan_rows(x, y, head)
+            sampled = torch.stack([max_softmax, row_sum[:head], x[:head].square().sum(dim=1)], dim=1)
+            facts = _BatchFacts(predicted, y, row_sum.isfinite(), y == labels, rank, sampled)
+        self._pending.append(facts)
+        state.seen += x.shape[0]
+        if len(self._pending) >= self._fold_every:
+            self._fold()
 
-            # Rank of the true class = how many classes score at least as high as it
-            # (ties count against it, so constant logits are never "correct"); top-k
-            # hit = rank <= k. Cheaper than topk, and exact.
-            # argmax alone is several times cheaper on CPU than max(dim) with indices; the
-            # fused log-softmax at the prediction is the log of the max-softmax confidence
-            # (cheaper here than logsumexp).
-            predicted = x.argmax(dim=1)
-            max_log_prob = torch.log_softmax(x, dim=1).gather(1, predicted[:, None]).squeeze(1)
-            # x - t >= 0 exactly when x >= t for finite floats; counting in the float domain
-            # avoids casting a (batch, C) boolean matrix (3x cheaper on CPU).
-            rank = (x - x.gather(1, y[:, None])).ge_(0).sum(dim=1)
-            state.topk_hits += ((rank[:, None] <= state.ks[None, :]) & used[:, None]).sum(dim=0)
+    def _fold(self) -> None:
+        """Count the pending batches into the running state, all of them at once (no host sync)."""
+        if not self._pending or self._state is None:
+            return
+        state, batches, c = self._state, self._pending, self.num_classes
+        self._pending = []
+        with torch.no_grad():
+            predicted = torch.cat([b.predicted for b in batches])
+            y = torch.cat([b.labels for b in batches])
+            finite = torch.cat([b.finite for b in batches])
+            valid = torch.cat([b.valid for b in batches])
+            used = finite & valid
+            hits = (torch.cat([b.rank for b in batches])[:, None] <= state.ks) & used[:, None]
+            # Rows counted, finite, valid label, and the top-k hits: one reduction.
+            state.row_counts += torch.cat([torch.stack([used, finite, valid], dim=1), hits], dim=1).sum(dim=0)
 
-            state.predicted.index_add_(0, predicted, used_long)
-            batch_labels = torch.zeros_like(state.labels).index_add_(0, y, used_long)
-            batch_wrong = torch.zeros_like(state.wrong_predicted)
-            batch_wrong.index_add_(0, predicted, (used & (predicted != y)).long())
-            state.labels += batch_labels
-            state.wrong_predicted += batch_wrong
+            # Each batch's histograms as one row of a (batches, C) table: predictions and
+            # predictions of samples of other classes, and labels.
+            offsets = [i * c for i in range(len(batches))]
+            cell = torch.cat([b.predicted + offset for b, offset in zip(batches, offsets, strict=True)])
+            label_cell = torch.cat([b.labels + offset for b, offset in zip(batches, offsets, strict=True)])
+            weights = torch.stack([used, used & (predicted != y)], dim=1).long()
+            per_batch = torch.zeros((len(batches) * c, 2), dtype=torch.int64, device=used.device)
+            per_batch = per_batch.index_add_(0, cell, weights).view(len(batches), c, 2)
+            per_batch_labels = torch.zeros(len(batches) * c, dtype=torch.int64, device=used.device)
+            per_batch_labels = per_batch_labels.index_add_(0, label_cell, used.long()).view(len(batches), c)
+            state.histograms += per_batch.sum(dim=0)
+            state.labels += per_batch_labels.sum(dim=0)
             # A head can give every sample of a batch the same class while that class drifts
             # from step to step: the epoch histogram then spreads, the batches do not.
-            worst = batch_wrong.argmax()
-            state.batch_absorbed += batch_wrong[worst]
-            state.batch_others += used_long.sum() - batch_labels[worst]
+            # (max and gather keep the indices on the device; indexing with them would sync.)
+            absorbed, worst = per_batch[:, :, 1].max(dim=1)
+            others = per_batch_labels.sum(dim=1) - per_batch_labels.gather(1, worst[:, None])[:, 0]
+            state.batch_absorption += torch.stack([absorbed.sum(), others.sum()])
 
-            max_softmax = max_log_prob.exp()
-            row_sq = torch.linalg.vector_norm(x, dim=1) ** 2
-            zero = torch.zeros((), dtype=x.dtype, device=x.device)
-            state.sum_max_softmax += torch.where(used, max_softmax, zero).sum().double()
-            state.logit_sum += torch.where(used, row_sum, zero).double().sum()
-            state.logit_sum_sq += torch.where(used, row_sq, zero).double().sum()
+            # Confidence and logit moments of the sampled rows; a where, not a product with
+            # the weights, because 0 * inf is NaN.
+            starts = itertools.accumulate((b.predicted.shape[0] for b in batches[:-1]), initial=0)
+            head_used = torch.cat(
+                [used[start : start + b.sampled.shape[0]] for b, start in zip(batches, starts, strict=True)]
+            )
+            sampled = torch.cat([b.sampled for b in batches])
+            sampled = torch.cat([head_used[:, None].to(sampled.dtype), sampled], dim=1)
+            zero = torch.zeros((), dtype=sampled.dtype, device=sampled.device)
+            state.sampled_sums += torch.where(head_used[:, None], sampled, zero).double().sum(dim=0)
 
-            state.count += used_long.sum()
-            state.seen += x.shape[0]
-            state.non_finite_rows += (~finite).sum()
-            state.invalid_labels += (~valid).sum()
+    def _softmax_rows(self, batch_size: int) -> int:
+        return batch_size if self.softmax_rows is None else min(self.softmax_rows, batch_size)
+
+    def _scan_rows(self, x: Tensor, y: Tensor, head: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The three statistics that need every logit: prediction, rank of the true class, confidence.
+
+        Returns ``predicted`` (argmax, first column on ties), ``rank`` (how many classes
+        score at least as high as the true class ``y``, as floats) and the max-softmax
+        confidence of the first ``head`` rows.
+
+        Every (batch, C) pass counts here: on CPU the update must stay a small fraction
+        of a loss step (``benchmarks/bench_monitors.py``). So the scans share one
+        workspace (a fresh large buffer per scan costs page faults), write comparisons
+        straight into it as 0/1 floats and count in the float domain (reducing a boolean
+        matrix is several times slower), and keep ``exp`` away from subnormal results,
+        which are ten times slower to produce.
+        """
+        c = self.num_classes
+        row_max = x.amax(dim=1, keepdim=True)
+        work = torch.empty_like(x)
+        # Max-softmax = 1 / sum(exp(x - x_max)): the sum is >= 1, no overflow. Terms below
+        # exp(-80) (< 1e-34 of the largest) change nothing but would be subnormal.
+        gap = torch.sub(x[:head], row_max[:head], out=work[:head]).clamp_min_(-80.0)
+        max_softmax = gap.exp_().sum(dim=1).reciprocal_()
+        # Ties count against the true class, so constant logits are never "correct";
+        # top-k hit = rank <= k. Cheaper than topk, and exact.
+        rank = torch.ge(x, x.gather(1, y[:, None]), out=work).sum(dim=1)
+        at_max = torch.ge(x, row_max, out=work)  # 1 at each row's maxima, else 0
+        if c * torch.finfo(x.dtype).eps >= 1:  # column numbers would not all be exact
+            return at_max.argmax(dim=1), rank, max_softmax
+        # argmax as the first column at the maximum: (C - 1) - max over the maxima of
+        # (C - 1 - column), several times cheaper on CPU than argmax. A non-finite row has
+        # no maximum and gives C - 1, in range (its weight is 0 anyway).
+        reversed_columns = self._reversed
+        if (
+            reversed_columns is None
+            or reversed_columns.dtype != x.dtype
+            or reversed_columns.device != x.device
+        ):
+            reversed_columns = torch.arange(c - 1, -1, -1, dtype=x.dtype, device=x.device)
+            self._reversed = reversed_columns
+        first = at_max.mul_(reversed_columns).amax(dim=1)
+        return torch.rsub(first, c - 1).long(), rank, max_softmax
 
     def compute(self) -> MonitorReport:
         """Statistics over every batch since the last reset, and their diagnoses.
@@ -237,18 +328,18 @@ class ClassCollapseMonitor:
         """
         if self._state is None:
             raise ValueError("ClassCollapseMonitor.compute() called before any update(); nothing to report")
+        self._fold()
         s = self._state
-        invalid = int(s.invalid_labels)
-        seen = int(s.seen)
+        n, finite_rows, valid_rows, *topk_hits = s.row_counts.tolist()
+        seen = s.seen
+        bad_rows, invalid = seen - finite_rows, seen - valid_rows
         if invalid:
             raise ValueError(
                 f"labels: {invalid} of the {seen} labels passed to update() lay outside "
                 f"[0, num_classes) = [0, {self.num_classes}); map classes to 0..num_classes-1 first"
             )
         c = self.num_classes
-        n = int(s.count)
-        bad_rows = int(s.non_finite_rows)
-        predicted = s.predicted.cpu()
+        predicted, wrong_predicted = s.histograms.cpu().unbind(dim=1)
         label_hist = s.labels.cpu()
         diagnoses: list[Diagnosis] = []
         if bad_rows:
@@ -263,24 +354,25 @@ class ClassCollapseMonitor:
             )
 
         rates = {
-            k: Rate(int(hits), n, chance=min(k, c) / c)
-            for k, hits in zip(self.topk, s.topk_hits.tolist(), strict=True)
+            k: Rate(int(hits), n, chance=min(k, c) / c) for k, hits in zip(self.topk, topk_hits, strict=True)
         }
         dominant = int(predicted.argmax())
         dominant_count = int(predicted[dominant])
         others = n - int(label_hist[dominant])
-        absorption = int(s.wrong_predicted[dominant]) / others if others else math.nan
-        batch_others = int(s.batch_others)
-        batch_absorption = int(s.batch_absorbed) / batch_others if batch_others else math.nan
+        absorption = int(wrong_predicted[dominant]) / others if others else math.nan
+        batch_absorbed, batch_others = s.batch_absorption.tolist()
+        batch_absorption = batch_absorbed / batch_others if batch_others else math.nan
         shares = predicted.double() / n
         entropy = max(0.0, float(-(shares[shares > 0] * shares[shares > 0].log()).sum()) / math.log(c))
         num_predicted = int((predicted > 0).sum())
         num_label_classes = int((label_hist > 0).sum())
         ceiling = int(label_hist[predicted > 0].sum()) / n
-        mean_confidence = float(s.sum_max_softmax) / n
-        entries = n * c
-        logit_mean = float(s.logit_sum) / entries
-        logit_var = max(float(s.logit_sum_sq) / entries - logit_mean**2, 0.0)
+        sampled_rows, confidence_sum, logit_sum, logit_sq_sum = s.sampled_sums.tolist()
+        sampled = int(sampled_rows)
+        mean_confidence = confidence_sum / max(sampled, 1)
+        entries = max(sampled, 1) * c
+        logit_mean = logit_sum / entries
+        logit_var = max(logit_sq_sum / entries - logit_mean**2, 0.0)
 
         metrics: dict[str, float | Rate] = {f"top{k}_accuracy": rate for k, rate in rates.items()}
         metrics.update(
@@ -316,7 +408,7 @@ class ClassCollapseMonitor:
         top1_high = wilson_interval(rates[self.topk[0]].hits, n, confidence=self.confidence)[1]
         if (
             self.topk[0] == 1
-            and n >= MIN_CONFIDENCE_SAMPLES
+            and sampled >= MIN_CONFIDENCE_SAMPLES
             and mean_confidence - top1_high >= CONFIDENCE_GAP
         ):
             diagnoses.append(
@@ -336,7 +428,12 @@ class ClassCollapseMonitor:
                     "temperature above 1 (case study 02 went from scale 32 to 8 and T=4).",
                 )
             )
-        counts = {"samples": n, "non_finite_rows": bad_rows, "num_classes": c}
+        counts = {
+            "samples": n,
+            "non_finite_rows": bad_rows,
+            "num_classes": c,
+            "softmax_samples": sampled,
+        }
         return MonitorReport("class collapse", metrics, counts=counts, diagnoses=tuple(diagnoses))
 
     def _class_collapse(
