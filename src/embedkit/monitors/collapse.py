@@ -7,10 +7,12 @@ accuracy *below* chance (``below_chance``), a saturated softmax far more confide
 than it is accurate (``overconfident``) and NaN/inf logits (``non_finite``).
 
 Life cycle (torchmetrics style): :meth:`~ClassCollapseMonitor.update` once per batch
-accumulates counts in tensors on the logits' device, without a device-to-host sync
-(no ``.item()``, no ``bincount`` — whose CUDA kernel reads the maximum back — and no
-data-dependent shapes); :meth:`~ClassCollapseMonitor.compute` reads them back once
-and interprets them; :meth:`~ClassCollapseMonitor.reset` starts over. Every
+does the work that needs the logits and keeps a few per-row results on the logits'
+device, which are counted eight batches at a time — all without a device-to-host sync
+(no ``.item()``, no indexing with a tensor, no ``bincount`` — whose CUDA kernel reads
+the maximum back — and no data-dependent shapes); :meth:`~ClassCollapseMonitor.compute`
+counts what is pending, reads the counts back once and interprets them;
+:meth:`~ClassCollapseMonitor.reset` starts over. Every
 statistic is exact over all rows seen since the last reset, except the mean
 max-softmax confidence and the logit mean and spread, which by default come from the
 first 128 rows of each batch (``softmax_rows``).

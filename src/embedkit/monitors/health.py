@@ -18,11 +18,12 @@ Exact over every row since the last reset (streaming sums, O(d) memory):
 
 The covariance (O(d²) memory): the mean and the centred scatter matrix
 M = Σ(z − μ)(z − μ)ᵀ in float64, from which M / N, its effective rank and
-first-component share follow. M is ZᵀZ − Nμμᵀ, accumulated batch by batch with the
-pairwise update of Chan et al. (1979) so that the tiny variance of nearly collapsed
-embeddings is not lost to cancellation. It is exact with ``covariance_rows=None``; by
-default it takes the first 128 rows of each batch, because the d×d product of a
-whole batch of 1,024 costs about a sixth of an ArcFace forward+backward (see
+first-component share follow. M is ZᵀZ − Nμμᵀ, accumulated by pooling groups of
+rows with the update of Chan et al. (1979) so that the tiny variance of nearly
+collapsed embeddings is not lost to cancellation. It is exact with
+``covariance_rows=None``; by default it takes the first 64 rows of each batch, because
+the d×d product costs about 4 µs per row at d = 512 on a 2-core CPU, and for a whole
+batch of 1,024 about a seventh of an ArcFace forward+backward (see
 ``benchmarks/bench_monitors.py``) — the rank estimate still converges as batches
 accumulate, and ``counts["covariance_samples"]`` says how many rows it rests on.
 
@@ -32,8 +33,11 @@ negative similarity distributions with their AUC and d′, alignment and uniform
 (Wang & Isola, 2020), the same-identity / different-identity cross similarities of
 paired data — and the per-dimension std of ẑ. Their pair counts are reported.
 
-:meth:`~EmbeddingHealthMonitor.update` makes no device-to-host sync; the interpretation
-happens in :meth:`~EmbeddingHealthMonitor.compute`.
+:meth:`~EmbeddingHealthMonitor.update` makes no device-to-host sync; it keeps each
+batch's per-row results and folds them into the running sums eight batches at a time
+(every tensor operation costs microseconds of dispatch on CPU, whatever its size).
+:meth:`~EmbeddingHealthMonitor.compute` folds what is pending, so a report always
+covers every batch, and then interprets the sums.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ class EmbeddingHealthMonitor:
         The pair statistics of one ``compute()`` cost O(sample_size² · d).
     covariance_rows : int or None
         Rows of each batch (the first ones) that enter the covariance; ``None`` for
-        all rows (exact, about 3× the update cost at batch 1,024 and d = 512). Default 128.
+        all rows (exact, about 4× the update cost at batch 1,024 and d = 512). Default 64.
 
     Examples
     --------
