@@ -283,8 +283,7 @@ class ClassCollapseMonitor:
 
         Every (batch, C) pass counts here: on CPU the update must stay a small fraction
         of a loss step (``benchmarks/bench_monitors.py``). So the scans share one
-        workspace (a fresh large buffer per scan costs page faults), write comparisons
-        straight into it as 0/1 floats and count in the float domain (reducing a boolean
+        workspace, write comparisons straight into it as 0/1 floats and count in the float domain (reducing a boolean
         matrix is several times slower), and keep ``exp`` away from subnormal results,
         which are ten times slower to produce.
         """
