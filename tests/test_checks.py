@@ -13,6 +13,7 @@ import torch
 from _factories import one_cpu_thread
 from embedkit._checks import (
     as_label_array,
+    check_bool,
     check_choice,
     check_class_labels,
     check_embeddings,
@@ -251,6 +252,14 @@ def test_check_int_open_bounds():
     assert check_int(-5, "k") == -5
     with pytest.raises(ValueError, match=r"k must lie in \(-inf, 3\]; got 4"):
         check_int(4, "k", high=3)
+
+
+def test_check_bool():
+    assert check_bool(True, "flag") is True
+    assert check_bool(np.bool_(False), "flag") is False
+    for value, seen in ((1, "int 1"), ("yes", "str 'yes'"), (None, "None")):
+        with pytest.raises(TypeError, match=rf"flag must be True or False; got {seen}"):
+            check_bool(value, "flag")
 
 
 def test_check_choice():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -200,6 +201,11 @@ def test_callback_logic_feeds_reports_logs_and_warns() -> None:
     # The collapse and health monitors restart each epoch; with no new batch nothing is recomputed for them.
     with pytest.warns(DiagnosisWarning, match="loss_at_margin"):
         assert set(callback.report(trainer, module)) == {"loss"}
+    # Under DDP only the global-zero process warns (the reports are the same on every process).
+    other_process = SimpleNamespace(global_step=5, is_global_zero=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DiagnosisWarning)
+        assert set(callback.report(other_process, module)) == {"loss"}
 
 
 def test_callback_every_n_steps_and_input_checks() -> None:

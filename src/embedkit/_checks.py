@@ -229,6 +229,13 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """Check that ``value`` is ``True`` or ``False`` (a Python or NumPy bool, not 0/1 or a string)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {describe(value)}")
+    return bool(value)
+
+
 def check_choice(value: Any, name: str, choices: Collection[str]) -> str:
     """Check that ``value`` is one of the allowed string ``choices``."""
     if not isinstance(value, str) or value not in choices:

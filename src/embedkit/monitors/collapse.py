@@ -20,6 +20,7 @@ first 128 rows of each batch (``softmax_rows``).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -29,9 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_embeddings, check_int, check_labels, check_real, describe
+from .._checks import check_bool, check_embeddings, check_int, check_labels, check_real, describe
 from ..evaluation.report import Rate, format_percent
 from ..similarity import working_dtype
+from ._distributed import process_count, sum_across
 from .chance import chance_verdict, describe_rate, wilson_interval
 from .diagnosis import Diagnosis, non_finite
 from .report import MonitorReport
@@ -109,6 +111,13 @@ class ClassCollapseMonitor:
         update cost at batch 1,024 and 1,000 classes: the softmax needs an ``exp`` of
         every logit). Default 128; ``counts["softmax_samples"]`` says how many rows these
         statistics rest on.
+    sync_on_compute : bool
+        Under ``torch.distributed`` (DDP), combine the counts of every process in
+        :meth:`compute` (default), so each process reports on all batches; every process
+        must then call :meth:`compute`, after at least one update. ``False`` reports on
+        this process's batches alone. Outside ``torch.distributed`` it changes nothing.
+    process_group : optional
+        The ``torch.distributed`` group to combine over (default: all processes).
 
     Examples
     --------
@@ -145,6 +154,8 @@ class ClassCollapseMonitor:
         *,
         confidence: float = 0.95,
         softmax_rows: int | None = 128,
+        sync_on_compute: bool = True,
+        process_group: Any = None,
     ) -> None:
         self.num_classes = check_int(num_classes, "num_classes", low=2)
         if isinstance(topk, (str, bytes)) or not isinstance(topk, Sequence) or len(topk) == 0:
@@ -155,6 +166,8 @@ class ClassCollapseMonitor:
             confidence, "confidence", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
         )
         self.softmax_rows = None if softmax_rows is None else check_int(softmax_rows, "softmax_rows", low=1)
+        self.sync_on_compute = check_bool(sync_on_compute, "sync_on_compute")
+        self.process_group = process_group
         self._state: _CollapseState | None = None
         self._pending: list[_BatchFacts] = []
         self._fold_every = max(1, min(FOLD_EVERY, FOLD_CELLS // self.num_classes))
@@ -271,6 +284,23 @@ class ClassCollapseMonitor:
             zero = torch.zeros((), dtype=sampled.dtype, device=sampled.device)
             state.sampled_sums += torch.where(head_used[:, None], sampled, zero).double().sum(dim=0)
 
+    def _combined_across_processes(self, s: _CollapseState) -> _CollapseState:
+        """The state summed over the processes (a copy; every count is a sum)."""
+        seen = torch.tensor([s.seen], dtype=torch.int64, device=s.row_counts.device)
+        parts = [seen, s.row_counts, s.histograms, s.labels, s.batch_absorption, s.sampled_sums]
+        seen, row_counts, histograms, labels, batch_absorption, sampled_sums = sum_across(
+            parts, self.process_group
+        )
+        return dataclasses.replace(
+            s,
+            seen=int(seen[0]),
+            row_counts=row_counts,
+            histograms=histograms,
+            labels=labels,
+            batch_absorption=batch_absorption,
+            sampled_sums=sampled_sums,
+        )
+
     def _softmax_rows(self, batch_size: int) -> int:
         return batch_size if self.softmax_rows is None else min(self.softmax_rows, batch_size)
 
@@ -283,9 +313,9 @@ class ClassCollapseMonitor:
 
         Every (batch, C) pass counts here: on CPU the update must stay a small fraction
         of a loss step (``benchmarks/bench_monitors.py``). So the scans share one
-        workspace, write comparisons straight into it as 0/1 floats and count in the float domain (reducing a boolean
-        matrix is several times slower), and keep ``exp`` away from subnormal results,
-        which are ten times slower to produce.
+        workspace, write comparisons straight into it as 0/1 floats and count in the
+        float domain (reducing a boolean matrix is several times slower), and keep
+        ``exp`` away from subnormal results, which are ten times slower to produce.
         """
         c = self.num_classes
         row_max = x.amax(dim=1, keepdim=True)
@@ -331,6 +361,8 @@ class ClassCollapseMonitor:
             raise ValueError("ClassCollapseMonitor.compute() called before any update(); nothing to report")
         self._fold()
         s = self._state
+        if self.sync_on_compute and process_count(self.process_group) > 1:
+            s = self._combined_across_processes(s)
         n, finite_rows, valid_rows, *topk_hits = s.row_counts.tolist()
         seen = s.seen
         bad_rows, invalid = seen - finite_rows, seen - valid_rows

@@ -42,6 +42,7 @@ covers every batch, and then interprets the sums.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,9 +52,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_embeddings, check_int, check_labels, check_matching_dim
+from .._checks import check_bool, check_embeddings, check_int, check_labels, check_matching_dim
 from ..evaluation.verification import roc_auc
 from ..similarity import ZERO_NORM, l2_normalize, pairwise_similarity, working_dtype
+from ._distributed import gather_rows, gather_same_shape, process_count, reduce_min_max, sum_across
 from .diagnosis import Diagnosis, non_finite
 from .report import MonitorReport
 
@@ -137,6 +139,15 @@ class EmbeddingHealthMonitor:
     covariance_rows : int or None
         Rows of each batch (the first ones) that enter the covariance; ``None`` for
         all rows (exact, about 4× the update cost at batch 1,024 and d = 512). Default 64.
+    sync_on_compute : bool
+        Under ``torch.distributed`` (DDP), combine the state of every process in
+        :meth:`compute` (default): sums, covariance and norm range over all batches, and
+        the pair statistics over the last ``ceil(sample_size / processes)`` rows of each
+        process. Every process must then call :meth:`compute`, after at least one
+        update. ``False`` reports on this process's batches alone. Outside
+        ``torch.distributed`` it changes nothing.
+    process_group : optional
+        The ``torch.distributed`` group to combine over (default: all processes).
 
     Examples
     --------
@@ -171,11 +182,20 @@ class EmbeddingHealthMonitor:
       cos(z_i, p_j), j ≠ i, same / different label).
     """
 
-    def __init__(self, sample_size: int = 1024, *, covariance_rows: int | None = 64) -> None:
+    def __init__(
+        self,
+        sample_size: int = 1024,
+        *,
+        covariance_rows: int | None = 64,
+        sync_on_compute: bool = True,
+        process_group: Any = None,
+    ) -> None:
         self.sample_size = check_int(sample_size, "sample_size", low=2)
         self.covariance_rows = (
             None if covariance_rows is None else check_int(covariance_rows, "covariance_rows", low=2)
         )
+        self.sync_on_compute = check_bool(sync_on_compute, "sync_on_compute")
+        self.process_group = process_group
         self._state: _HealthState | None = None
         self._with_labels = False
         self._with_paired = False
@@ -373,6 +393,48 @@ class EmbeddingHealthMonitor:
         while state.recent_rows - state.recent[0].usable.shape[0] >= self.sample_size:
             state.recent_rows -= state.recent.popleft().usable.shape[0]
 
+    def _combined_across_processes(self, s: _HealthState) -> _HealthState:
+        """The state of every process combined (a copy; see ``sync_on_compute``)."""
+        group = self.process_group
+        # The covariance pools the processes' groups of rows as _fold pools batches.
+        groups = gather_same_shape(torch.cat([s.covariance_n[None], s.mean]), group)
+        counts, means = groups[:, 0], groups[:, 1:]
+        total = counts.sum()
+        mean = (counts @ means) / total.clamp_min(1)
+        deviations = (means - mean) * counts.sqrt()[:, None]
+        seen = torch.tensor([s.seen], dtype=torch.int64, device=s.mean.device)
+        parts = [seen, s.row_sums, s.scatter, s.sum_unit, s.paired_sums]
+        seen, row_sums, scatter, sum_unit, paired_sums = sum_across(parts, group)
+        scatter.addmm_(deviations.T, deviations)
+        min_norm, max_norm = reduce_min_max(s.min_norm, s.max_norm, group)
+        # Each process's most recent rows, as many as keep the pair sample at sample_size.
+        last = slice(-math.ceil(self.sample_size / process_count(group)), None)
+        usable = gather_rows(torch.cat([rows.usable for rows in s.recent])[last], group)
+        recent = _RecentRows(
+            gather_rows(torch.cat([rows.embeddings for rows in s.recent])[last], group),
+            usable,
+            gather_rows(torch.cat([r.labels for r in s.recent if r.labels is not None])[last], group)
+            if self._with_labels
+            else None,
+            gather_rows(torch.cat([r.paired for r in s.recent if r.paired is not None])[last], group)
+            if self._with_paired
+            else None,
+        )
+        return dataclasses.replace(
+            s,
+            seen=int(seen[0]),
+            row_sums=row_sums,
+            covariance_n=total,
+            mean=mean,
+            scatter=scatter,
+            min_norm=min_norm,
+            max_norm=max_norm,
+            sum_unit=sum_unit,
+            paired_sums=paired_sums,
+            recent=deque([recent]),
+            recent_rows=usable.shape[0],
+        )
+
     # ------------------------------------------------------------------------------ compute
     def compute(self) -> MonitorReport:
         """Statistics over every batch since the last reset, and their diagnoses.
@@ -391,6 +453,8 @@ class EmbeddingHealthMonitor:
             raise ValueError("EmbeddingHealthMonitor.compute() called before any update(); nothing to report")
         self._fold()
         s = self._state
+        if self.sync_on_compute and process_count(self.process_group) > 1:
+            s = self._combined_across_processes(s)
         n, d = int(s.row_sums[0]), s.mean.shape[0]
         bad_rows = s.seen - n
         diagnoses: list[Diagnosis] = []

@@ -68,7 +68,9 @@ class MonitorCallbackBase:
     log : bool
         Send the statistics to the LightningModule's loggers with ``log_dict``.
     warn : bool
-        Issue a :class:`DiagnosisWarning` for every warning or error diagnosis.
+        Issue a :class:`DiagnosisWarning` for every warning or error diagnosis (under
+        DDP on the global-zero process only; the collapse and health reports already
+        combine every process, see their ``sync_on_compute``).
 
     Attributes
     ----------
@@ -151,7 +153,7 @@ class MonitorCallbackBase:
             if self.log:
                 values = {f"{name}/{key}": float(report[key]) for key in report}
                 pl_module.log_dict({k: v for k, v in values.items() if v == v})  # NaN cannot be logged
-            if self.warn:
+            if self.warn and getattr(trainer, "is_global_zero", True):
                 for diagnosis in report.diagnoses:
                     if diagnosis.severity != "info":
                         warnings.warn(str(diagnosis), DiagnosisWarning, stacklevel=2)

@@ -1,0 +1,100 @@
+"""Monitors under torch.distributed: two real gloo processes, each fed half the batches.
+
+With ``sync_on_compute`` (the default) every process must report what one process fed
+every batch reports; with ``sync_on_compute=False`` each reports on its own half.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedkit.monitors import ClassCollapseMonitor, EmbeddingHealthMonitor
+
+ROWS, BATCH, CLASSES, DIM = 600, 30, 50, 16
+
+
+def _data() -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, CLASSES, (ROWS,), generator=gen)
+    logits = torch.randn(ROWS, CLASSES, generator=gen)
+    logits[torch.arange(ROWS), labels] += 2.0  # better than chance, not perfect
+    logits[:100, 3] += 8.0  # and one class absorbing a stretch of batches
+    centres = torch.randn(CLASSES, DIM, generator=gen)
+    embeddings = centres[labels] + 0.5 * torch.randn(ROWS, DIM, generator=gen)
+    embeddings[7] = float("nan")
+    paired = embeddings + 0.1 * torch.randn(ROWS, DIM, generator=gen)
+    return logits, labels, embeddings, paired
+
+
+def _monitors(sync: bool = True) -> tuple[ClassCollapseMonitor, EmbeddingHealthMonitor]:
+    # sample_size = ROWS: each process keeps all of its rows, so the pair statistics
+    # rest on the same rows as in one process.
+    return (
+        ClassCollapseMonitor(CLASSES, softmax_rows=None, sync_on_compute=sync),
+        EmbeddingHealthMonitor(sample_size=ROWS, covariance_rows=None, sync_on_compute=sync),
+    )
+
+
+def _feed(monitors: tuple[ClassCollapseMonitor, EmbeddingHealthMonitor], batches: range) -> None:
+    logits, labels, embeddings, paired = _data()
+    collapse, health = monitors
+    for i in batches:
+        rows = slice(i * BATCH, (i + 1) * BATCH)
+        collapse.update(logits[rows], labels[rows])
+        health.update(embeddings[rows], labels[rows], paired[rows])
+
+
+def _reports(monitors: tuple[ClassCollapseMonitor, EmbeddingHealthMonitor]) -> list[dict]:
+    return [monitor.compute().to_dict() for monitor in monitors]
+
+
+def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    # A forked child must not enter the parent's OpenMP thread pool (it can hang there).
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        combined, local = _monitors(), _monitors(sync=False)
+        shard = range(rank, ROWS // BATCH, world_size)  # 10 batches each: through a fold
+        _feed(combined, shard)
+        _feed(local, shard)
+        first = _reports(combined)
+        _feed(combined, range(0))  # nothing new: combining again must not count twice
+        out = {"combined": first, "again": _reports(combined), "local": _reports(local)}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out, default=str))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
+def test_two_processes_report_what_one_process_reports(tmp_path: Path) -> None:
+    # fork: the children reuse the imported torch instead of importing it again.
+    torch.multiprocessing.start_processes(
+        _worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
+    single = _monitors()
+    _feed(single, range(ROWS // BATCH))
+    expected = _reports(single)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for reports in (got["combined"], got["again"]):
+            for report, want in zip(reports, expected, strict=True):
+                assert report["counts"] == want["counts"]
+                assert [d["code"] for d in report["diagnoses"]] == [d["code"] for d in want["diagnoses"]]
+                assert report["metrics"].keys() == want["metrics"].keys()
+                for key, value in want["metrics"].items():
+                    if isinstance(value, dict):  # a Rate: hits and totals are exact
+                        assert report["metrics"][key] == value, key
+                    else:
+                        assert report["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+        local_collapse, local_health = got["local"]
+        assert local_collapse["counts"]["samples"] == ROWS // 2
+        assert local_health["counts"]["samples"] == ROWS // 2 - (rank == 0)  # row 7 is NaN, on rank 0
+    assert expected[0]["counts"]["samples"] == ROWS
+    assert "class_collapse" not in [d["code"] for d in expected[0]["diagnoses"]]
