@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -287,20 +288,38 @@ def test_statistics_match_a_plain_recomputation(seed: int, n: int, c: int, batch
 
 @FAST
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 300), rows=st.integers(1, 64), batch=st.integers(1, 100))
-def test_confidence_and_logit_moments_come_from_the_first_softmax_rows_of_each_batch(
+def test_confidence_and_logit_moments_come_from_softmax_rows_spread_over_each_batch(
     seed: int, n: int, rows: int, batch: int
 ) -> None:
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, 7, generator=gen, dtype=torch.float64) * 3
     monitor = ClassCollapseMonitor(7, softmax_rows=rows)
     _feed(monitor, logits, torch.randint(0, 7, (n,), generator=gen), batch)
-    sampled = torch.cat([logits[start : start + batch][:rows] for start in range(0, n, batch)])
+    sampled = []
+    for start in range(0, n, batch):  # rows spread evenly over each batch: every k-th
+        chunk = logits[start : start + batch]
+        step = max(chunk.shape[0] // rows, 1)
+        sampled.append(chunk[::step][:rows])
+    sampled = torch.cat(sampled)
     report = monitor.compute()
     assert report.counts["softmax_samples"] == sampled.shape[0]
     assert report.counts["samples"] == n
     assert report["mean_max_softmax"] == pytest.approx(float(torch.softmax(sampled, 1).amax(1).mean()))
     assert report["logit_mean"] == pytest.approx(float(sampled.mean()), abs=1e-9)
     assert report["logit_std"] == pytest.approx(float(sampled.std(unbiased=False)))
+
+
+def test_without_a_usable_sampled_row_the_confidence_is_unknown_not_zero() -> None:
+    # The sampled rows (every 15th of 30: rows 0 and 15) are non-finite, the others fine.
+    logits = torch.randn(30, 10, generator=torch.Generator().manual_seed(0))
+    logits[[0, 15], 0] = float("nan")
+    monitor = ClassCollapseMonitor(10, softmax_rows=2)
+    monitor.update(logits, torch.arange(30) % 10)
+    report = monitor.compute()
+    assert report.counts["softmax_samples"] == 0 and report.counts["samples"] == 28
+    for key in ("mean_max_softmax", "logit_mean", "logit_std"):
+        assert math.isnan(report[key]), key
+    assert "overconfident" not in report.codes
 
 
 def test_predictions_follow_argmax_on_ties_and_saturated_logits() -> None:

@@ -350,6 +350,37 @@ def test_non_finite_rows_are_counted_and_left_out() -> None:
     assert report.diagnosis("non_finite") is not None
 
 
+def test_later_batches_take_the_first_batch_working_dtype() -> None:
+    gen = torch.Generator().manual_seed(3)
+    z, labels = _clusters(gen, 6, 20, 12)
+    mixed, plain = EmbeddingHealthMonitor(), EmbeddingHealthMonitor()
+    for i, dtype in enumerate((torch.float32, torch.float64, torch.float16, torch.bfloat16)):
+        rows = slice(30 * i, 30 * (i + 1))
+        mixed.update(z[rows].to(dtype), labels[rows])
+        plain.update(z[rows].to(dtype).float(), labels[rows])
+    a, b = mixed.compute(), plain.compute()
+    for key, value in b.items():
+        assert a[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_norm_spread_of_near_unit_norms_is_kept() -> None:
+    # Norms 1 ± 1e-4: the variance is the 1e-8 term of a squared norm, lost if squared in float32.
+    gen = torch.Generator().manual_seed(4)
+    unit = torch.nn.functional.normalize(torch.randn(4096, 64, generator=gen, dtype=torch.float64), dim=1)
+    z = unit * (1 + 1e-4 * torch.randn(4096, 1, generator=gen, dtype=torch.float64))
+    monitor = EmbeddingHealthMonitor()
+    _feed(monitor, z.float(), batch=256)
+    expected = float(z.float().double().norm(dim=1).std(unbiased=False))
+    assert monitor.compute()["norm_std"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_batch_larger_than_the_sample_is_not_kept_whole() -> None:
+    monitor = EmbeddingHealthMonitor(sample_size=16)
+    monitor.update(torch.randn(4096, 32))
+    kept = monitor._state.recent[-1].embeddings  # type: ignore[union-attr]
+    assert kept.shape == (16, 32) and kept.untyped_storage().nbytes() == 16 * 32 * 4
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="sample_size"):
@@ -363,6 +394,8 @@ def test_bad_input_is_named() -> None:
         monitor.update(torch.zeros(3, 4), paired_embeddings=torch.zeros(2, 4))
     with pytest.raises(ValueError, match="embeddings has embedding_dim 4 but paired_embeddings has 5"):
         monitor.update(torch.zeros(3, 4), paired_embeddings=torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="paired_embeddings is on meta but embeddings is on cpu"):
+        monitor.update(torch.zeros(3, 4), paired_embeddings=torch.zeros(3, 4, device="meta"))
     monitor.update(torch.randn(3, 4), [0, 1, 1])
     with pytest.raises(ValueError, match="labels was not given in this update but given in earlier ones"):
         monitor.update(torch.randn(3, 4))

@@ -8,14 +8,14 @@ than it is accurate (``overconfident``) and NaN/inf logits (``non_finite``).
 
 Life cycle (torchmetrics style): :meth:`~ClassCollapseMonitor.update` once per batch
 does the work that needs the logits and keeps a few per-row results on the logits'
-device, which are counted eight batches at a time — all without a device-to-host sync
+device, which are counted up to eight batches at a time — all without a device-to-host sync
 (no ``.item()``, no indexing with a tensor, no ``bincount`` — whose CUDA kernel reads
 the maximum back — and no data-dependent shapes); :meth:`~ClassCollapseMonitor.compute`
 counts what is pending, reads the counts back once and interprets them;
 :meth:`~ClassCollapseMonitor.reset` starts over. Every
 statistic is exact over all rows seen since the last reset, except the mean
 max-softmax confidence and the logit mean and spread, which by default come from the
-first 128 rows of each batch (``softmax_rows``).
+128 rows spread evenly over each batch (``softmax_rows``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .._checks import check_bool, check_embeddings, check_int, check_labels, che
 from ..evaluation.report import Rate, format_percent
 from ..similarity import working_dtype
 from ._distributed import process_count, sum_across
+from ._rows import spread_rows
 from .chance import chance_verdict, describe_rate, wilson_interval
 from .diagnosis import Diagnosis, non_finite
 from .report import MonitorReport
@@ -76,8 +77,8 @@ class _CollapseState:
     # other classes: its count of those predictions, and the batch's samples of other classes.
     batch_absorption: Tensor
     ks: Tensor  # (len(topk),) the k's, min(k, C), kept on the device
-    # (4,) float64, over the first softmax_rows counted rows of each batch: their number,
-    # and their sums of max-softmax confidence, of logits and of squared logits.
+    # (4,) float64, over the counted rows among the softmax_rows sampled from each batch:
+    # their number, and their sums of max-softmax confidence, of logits and of squared logits.
     sampled_sums: Tensor
 
 
@@ -90,7 +91,8 @@ class _BatchFacts:
     finite: Tensor  # (b,) bool, the row's logits are finite
     valid: Tensor  # (b,) bool, the label was in [0, C)
     rank: Tensor  # (b,) classes scoring at least as high as the true class
-    sampled: Tensor  # (h, 3) of the first h rows: max-softmax, sum and sum of squares of the logits
+    sampled_rows: slice  # the rows of the batch sampled for the confidence and logit moments
+    sampled: Tensor  # (h, 3) of those rows: max-softmax, sum and sum of squares of the logits
 
 
 class ClassCollapseMonitor:
@@ -106,7 +108,7 @@ class ClassCollapseMonitor:
     confidence : float
         Coverage of the Wilson intervals used to compare accuracies with chance.
     softmax_rows : int or None
-        Rows of each batch (the first ones) on which the max-softmax confidence and the
+        Rows of each batch (every k-th, spread over it) on which the max-softmax confidence and the
         logit mean and spread are measured; ``None`` for all rows (exact, about 1.5× the
         update cost at batch 1,024 and 1,000 classes: the softmax needs an ``exp`` of
         every logit). Default 128; ``counts["softmax_samples"]`` says how many rows these
@@ -204,6 +206,8 @@ class ClassCollapseMonitor:
         labels : Tensor, ndarray or sequence of int, of shape (batch_size,)
             True classes in ``[0, num_classes)``. Out-of-range labels are counted here
             and raise in :meth:`compute` (checking them here would need a host sync).
+            Labels on another device than the logits are copied over, which on a GPU
+            waits for it: pass them on the logits' device to keep the update sync-free.
         """
         check_embeddings(logits, "logits", check_finite=False)
         if logits.shape[1] != self.num_classes:
@@ -229,10 +233,10 @@ class ClassCollapseMonitor:
             # Such rows are kept but carry weight 0 in every count.
             row_sum = x.sum(dim=1)
             y = labels.clamp(0, self.num_classes - 1)
-            head = self._softmax_rows(x.shape[0])
-            predicted, rank, max_softmax = self._scan_rows(x, y, head)
-            sampled = torch.stack([max_softmax, row_sum[:head], x[:head].square().sum(dim=1)], dim=1)
-            facts = _BatchFacts(predicted, y, row_sum.isfinite(), y == labels, rank, sampled)
+            rows = spread_rows(x.shape[0], self.softmax_rows)
+            predicted, rank, max_softmax = self._scan_rows(x, y, rows)
+            sampled = torch.stack([max_softmax, row_sum[rows], x[rows].square().sum(dim=1)], dim=1)
+            facts = _BatchFacts(predicted, y, row_sum.isfinite(), y == labels, rank, rows, sampled)
         self._pending.append(facts)
         state.seen += x.shape[0]
         if len(self._pending) >= self._fold_every:
@@ -277,7 +281,10 @@ class ClassCollapseMonitor:
             # the weights, because 0 * inf is NaN.
             starts = itertools.accumulate((b.predicted.shape[0] for b in batches[:-1]), initial=0)
             head_used = torch.cat(
-                [used[start : start + b.sampled.shape[0]] for b, start in zip(batches, starts, strict=True)]
+                [
+                    used[start : start + b.predicted.shape[0]][b.sampled_rows]
+                    for b, start in zip(batches, starts, strict=True)
+                ]
             )
             sampled = torch.cat([b.sampled for b in batches])
             sampled = torch.cat([head_used[:, None].to(sampled.dtype), sampled], dim=1)
@@ -301,15 +308,12 @@ class ClassCollapseMonitor:
             sampled_sums=sampled_sums,
         )
 
-    def _softmax_rows(self, batch_size: int) -> int:
-        return batch_size if self.softmax_rows is None else min(self.softmax_rows, batch_size)
-
-    def _scan_rows(self, x: Tensor, y: Tensor, head: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _scan_rows(self, x: Tensor, y: Tensor, sampled: slice) -> tuple[Tensor, Tensor, Tensor]:
         """The three statistics that need every logit: prediction, rank of the true class, confidence.
 
         Returns ``predicted`` (argmax, first column on ties), ``rank`` (how many classes
         score at least as high as the true class ``y``, as floats) and the max-softmax
-        confidence of the first ``head`` rows.
+        confidence of the ``sampled`` rows.
 
         Every (batch, C) pass counts here: on CPU the update must stay a small fraction
         of a loss step (``benchmarks/bench_monitors.py``). So the scans share one
@@ -322,13 +326,15 @@ class ClassCollapseMonitor:
         work = torch.empty_like(x)
         # Max-softmax = 1 / sum(exp(x - x_max)): the sum is >= 1, no overflow. Terms below
         # exp(-80) (< 1e-34 of the largest) change nothing but would be subnormal.
-        gap = torch.sub(x[:head], row_max[:head], out=work[:head]).clamp_min_(-80.0)
+        head = x[sampled]
+        gap = torch.sub(head, row_max[sampled], out=work[: head.shape[0]]).clamp_min_(-80.0)
         max_softmax = gap.exp_().sum(dim=1).reciprocal_()
         # Ties count against the true class, so constant logits are never "correct";
         # top-k hit = rank <= k. Cheaper than topk, and exact.
         rank = torch.ge(x, x.gather(1, y[:, None]), out=work).sum(dim=1)
         at_max = torch.ge(x, row_max, out=work)  # 1 at each row's maxima, else 0
-        if c * torch.finfo(x.dtype).eps >= 1:  # column numbers would not all be exact
+        # Column numbers (and the float rank counts) are exact below 2**24 columns in float32.
+        if c * torch.finfo(x.dtype).eps >= 1:
             return at_max.argmax(dim=1), rank, max_softmax
         # argmax as the first column at the maximum: (C - 1) - max over the maxima of
         # (C - 1 - column), several times cheaper on CPU than argmax. A non-finite row has
@@ -402,10 +408,12 @@ class ClassCollapseMonitor:
         ceiling = int(label_hist[predicted > 0].sum()) / n
         sampled_rows, confidence_sum, logit_sum, logit_sq_sum = s.sampled_sums.tolist()
         sampled = int(sampled_rows)
-        mean_confidence = confidence_sum / max(sampled, 1)
-        entries = max(sampled, 1) * c
-        logit_mean = logit_sum / entries
-        logit_var = max(logit_sq_sum / entries - logit_mean**2, 0.0)
+        if sampled:
+            mean_confidence = confidence_sum / sampled
+            logit_mean = logit_sum / (sampled * c)
+            logit_var = max(logit_sq_sum / (sampled * c) - logit_mean**2, 0.0)
+        else:  # every sampled row was non-finite or had an invalid label
+            mean_confidence = logit_mean = logit_var = math.nan
 
         metrics: dict[str, float | Rate] = {f"top{k}_accuracy": rate for k, rate in rates.items()}
         metrics.update(

@@ -21,7 +21,7 @@ M = Σ(z − μ)(z − μ)ᵀ in float64, from which M / N, its effective rank a
 first-component share follow. M is ZᵀZ − Nμμᵀ, accumulated by pooling groups of
 rows with the update of Chan et al. (1979) so that the tiny variance of nearly
 collapsed embeddings is not lost to cancellation. It is exact with
-``covariance_rows=None``; by default it takes the first 64 rows of each batch, because
+``covariance_rows=None``; by default it takes 64 rows spread over each batch, because
 the d×d product costs about 4 µs per row at d = 512 on a 2-core CPU, and for a whole
 batch of 1,024 about a seventh of an ArcFace forward+backward (see
 ``benchmarks/bench_monitors.py``) — the rank estimate still converges as batches
@@ -56,6 +56,7 @@ from .._checks import check_bool, check_embeddings, check_int, check_labels, che
 from ..evaluation.verification import roc_auc
 from ..similarity import ZERO_NORM, l2_normalize, pairwise_similarity, working_dtype
 from ._distributed import gather_rows, gather_same_shape, process_count, reduce_min_max, sum_across
+from ._rows import spread_rows
 from .diagnosis import Diagnosis, non_finite
 from .report import MonitorReport
 
@@ -95,15 +96,16 @@ class _HealthState:
     mean: Tensor  # (d,) float64, mean of those rows
     scatter: Tensor  # (d, d) float64, centred
     # Σ of the pending batches' centred scatters (each about its own batch mean), in the
-    # embeddings' dtype; folded into `scatter` with the batch means (see _fold).
+    # working dtype fixed by the first batch; folded into `scatter` with the batch means
+    # (see _fold).
     pending_scatter: Tensor  # (d, d)
     min_norm: Tensor
     max_norm: Tensor
     sum_unit: Tensor  # (d,) Σẑ
     # (3,) float64: rows with a usable pair, Σ cos(z_i, p_i) over them, non-finite paired rows
     paired_sums: Tensor
-    # The most recent batches' last rows, kept by reference (update owns these copies)
-    # until they are no longer among the last sample_size rows.
+    # The most recent batches' last rows, until they are no longer among the last
+    # sample_size rows (see _store_sample).
     recent: deque[_RecentRows]
     recent_rows: int
 
@@ -137,7 +139,7 @@ class EmbeddingHealthMonitor:
         Rows kept (the most recent ones) for the pairwise statistics; at least 2.
         The pair statistics of one ``compute()`` cost O(sample_size² · d).
     covariance_rows : int or None
-        Rows of each batch (the first ones) that enter the covariance; ``None`` for
+        Rows of each batch (every k-th, spread over it) that enter the covariance; ``None`` for
         all rows (exact, about 4× the update cost at batch 1,024 and d = 512). Default 64.
     sync_on_compute : bool
         Under ``torch.distributed`` (DDP), combine the state of every process in
@@ -238,6 +240,7 @@ class EmbeddingHealthMonitor:
             NaN/inf are counted and left out.
         labels : Tensor, ndarray or sequence of int, of shape (batch_size,), optional
             Identity labels; needed for the separation and paired-shortcut statistics.
+            Pass them on the embeddings' device: copying them over waits for a GPU.
         paired_embeddings : Tensor of shape (batch_size, embedding_dim), optional
             The embedding each row was trained or validated against (e.g. the
             high-resolution image paired with each super-resolved probe).
@@ -261,12 +264,19 @@ class EmbeddingHealthMonitor:
                     f"paired_embeddings has {paired_embeddings.shape[0]} rows but embeddings has {b}; "
                     "expected one paired embedding per row"
                 )
-        dtype = working_dtype(embeddings.dtype)
-        z = embeddings.detach().to(dtype)
+        if paired_embeddings is not None and paired_embeddings.device != embeddings.device:
+            raise ValueError(
+                f"paired_embeddings is on {paired_embeddings.device} but embeddings is on "
+                f"{embeddings.device}; expected both on the same device"
+            )
+        z = embeddings.detach().to(working_dtype(embeddings.dtype))
         if self._state is None:
             self._state = self._new_state(z, labels is not None, paired_embeddings is not None)
         state = self._state
         self._check_consistent(state, z, labels is not None, paired_embeddings is not None)
+        # The first batch fixes the working dtype (float32, or float64 for float64 input).
+        dtype = state.pending_scatter.dtype
+        z = z.to(dtype)
         with torch.no_grad():
             z, finite = _zero_non_finite_rows(z)
             count, mean = self._add_scatter(state, z, finite)
@@ -319,8 +329,8 @@ class EmbeddingHealthMonitor:
         Returns their number (finite rows) and mean, which :meth:`_fold` needs to
         combine the batches (the d×d product is the one part that cannot wait).
         """
-        rows = z.shape[0] if self.covariance_rows is None else min(self.covariance_rows, z.shape[0])
-        head, weight = z[:rows], finite[:rows].to(z.dtype)
+        rows = spread_rows(z.shape[0], self.covariance_rows)
+        head, weight = z[rows], finite[rows].to(z.dtype)
         count = weight.sum()
         mean = head.sum(dim=0).div_(count.clamp_min(1))
         # head - mean on finite rows, 0 on the zeroed ones: one fused pass.
@@ -356,10 +366,9 @@ class EmbeddingHealthMonitor:
 
             finite = torch.cat([b.finite for b in batches])
             norms = torch.cat([b.norms for b in batches])
-            per_row = torch.stack(
-                [finite.to(norms.dtype), norms, norms * norms, (norms > ZERO_NORM).to(norms.dtype)]
-            )
-            state.row_sums += per_row.double().sum(dim=1)
+            wide = norms.double()  # squared in float64: the spread of near-constant norms is tiny
+            per_row = torch.stack([finite.double(), wide, wide * wide, (norms > ZERO_NORM).double()])
+            state.row_sums += per_row.sum(dim=1)
             state.min_norm = torch.minimum(
                 state.min_norm, torch.where(finite, norms, math.inf).min().double()
             )
@@ -378,12 +387,17 @@ class EmbeddingHealthMonitor:
     def _store_sample(
         self, state: _HealthState, z: Tensor, usable: Tensor, labels: Tensor | None, paired: Tensor | None
     ) -> None:
-        """Keep the batch's last rows for the pair statistics, by reference: no copy per step."""
-        rows = slice(max(z.shape[0] - self.sample_size, 0), None)
-        # z is this monitor's own (zeroed) copy; the labels and paired rows are the caller's.
+        """Keep the batch's last rows for the pair statistics.
+
+        ``z`` is this monitor's own (zeroed) copy and is kept by reference, unless the batch
+        is larger than the sample (a view would keep the whole batch alive); the labels and
+        paired rows are the caller's and are copied.
+        """
+        start = max(z.shape[0] - self.sample_size, 0)
+        rows = slice(start, None)
         state.recent.append(
             _RecentRows(
-                z[rows],
+                z[rows].clone() if start else z,
                 usable[rows],
                 None if labels is None else labels[rows].clone(),
                 None if paired is None else paired[rows].clone(),
