@@ -409,7 +409,9 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         ClassCollapseMonitor(1)
     with pytest.raises(TypeError, match="topk"):
-        ClassCollapseMonitor(5, topk=5)  # type: ignore[arg-type]
+        ClassCollapseMonitor(5, topk="5")  # type: ignore[arg-type]
+    assert ClassCollapseMonitor(5, topk=3).topk == (3,)
+    assert ClassCollapseMonitor(5, topk=[5, 1, 5]).topk == (1, 5)
     with pytest.raises(ValueError, match="topk"):
         ClassCollapseMonitor(5, topk=(0,))
     with pytest.raises(ValueError, match="softmax_rows"):

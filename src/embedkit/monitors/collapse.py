@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_bool, check_embeddings, check_int, check_labels, check_real, describe
+from .._checks import check_bool, check_embeddings, check_int, check_ks, check_labels, check_real
 from ..evaluation.report import Rate, format_percent
 from ..similarity import working_dtype
 from ._distributed import process_count, sum_across
@@ -102,7 +102,7 @@ class ClassCollapseMonitor:
     ----------
     num_classes : int
         Number of classes ``C`` (columns of the logits), at least 2.
-    topk : sequence of int
+    topk : int or sequence of int
         The ``k`` of the top-k accuracies (default ``(1, 5)``); a ``k`` above ``C`` is
         computed as top-``C`` (always a hit, chance 100%).
     confidence : float
@@ -152,7 +152,7 @@ class ClassCollapseMonitor:
     def __init__(
         self,
         num_classes: int,
-        topk: Sequence[int] = (1, 5),
+        topk: int | Sequence[int] = (1, 5),
         *,
         confidence: float = 0.95,
         softmax_rows: int | None = 128,
@@ -160,10 +160,7 @@ class ClassCollapseMonitor:
         process_group: Any = None,
     ) -> None:
         self.num_classes = check_int(num_classes, "num_classes", low=2)
-        if isinstance(topk, (str, bytes)) or not isinstance(topk, Sequence) or len(topk) == 0:
-            raise TypeError(f"topk must be a non-empty sequence of positive integers; got {describe(topk)}")
-        ks = sorted({check_int(k, "topk entries", low=1) for k in topk})
-        self.topk: tuple[int, ...] = tuple(ks)
+        self.topk: tuple[int, ...] = check_ks(topk, "topk")
         self.confidence = check_real(
             confidence, "confidence", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
         )
