@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from embedkit.monitors import ClassCollapseMonitor, EmbeddingHealthMonitor
+from embedkit.monitors import ClassCollapseMonitor, EmbeddingHealthMonitor, _distributed
 
 ROWS, BATCH, CLASSES, DIM = 600, 30, 50, 16
 
@@ -98,3 +98,17 @@ def test_two_processes_report_what_one_process_reports(tmp_path: Path) -> None:
         assert local_health["counts"]["samples"] == ROWS // 2 - (rank == 0)  # row 7 is NaN, on rank 0
     assert expected[0]["counts"]["samples"] == ROWS
     assert "class_collapse" not in [d["code"] for d in expected[0]["diagnoses"]]
+
+
+def test_collectives_are_issued_in_an_order_every_process_shares(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every process must issue the same collectives in the same order. Ordering by a set of
+    # dtypes broke that (hashes differ between processes): one process summed its int64
+    # counts while the other summed float64, and gloo aborted (found under Lightning DDP).
+    issued: list[torch.dtype] = []
+    monkeypatch.setattr(_distributed.dist, "all_reduce", lambda t, **kwargs: issued.append(t.dtype))
+    parts = [torch.zeros(2, dtype=torch.float64), torch.zeros(3, dtype=torch.int64), torch.zeros(1)]
+    _distributed.sum_across(parts)
+    assert issued == [torch.float64, torch.int64, torch.float32]
+    issued.clear()
+    _distributed.sum_across(parts[::-1])
+    assert issued == [torch.float32, torch.int64, torch.float64]

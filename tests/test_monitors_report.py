@@ -166,8 +166,11 @@ class _Module:
     def __init__(self) -> None:
         self.logged: list[dict[str, float]] = []
 
-    def log_dict(self, values: dict[str, float]) -> None:
+        self.synced: dict[str, bool] = {}
+
+    def log_dict(self, values: dict[str, float], *, sync_dist: bool = False) -> None:
         self.logged.append(values)
+        self.synced.update(dict.fromkeys(values, sync_dist))
 
 
 def test_callback_logic_feeds_reports_logs_and_warns() -> None:
@@ -197,6 +200,9 @@ def test_callback_logic_feeds_reports_logs_and_warns() -> None:
     assert set(callback.reports) == {"collapse", "health", "loss"}
     logged = {key for values in module.logged for key in values}
     assert {"collapse/top1_accuracy", "health/effective_rank", "loss/loss"} <= logged
+    # Combined across DDP processes already: logged as synced; loss statistics per process.
+    assert module.synced["collapse/top1_accuracy"] and module.synced["health/effective_rank"]
+    assert not module.synced["loss/loss"]
     assert callback.history.latest("health/mean_pairwise_cosine") == pytest.approx(1.0, abs=1e-6)
     # The collapse and health monitors restart each epoch; with no new batch nothing is recomputed for them.
     with pytest.warns(DiagnosisWarning, match="loss_at_margin"):

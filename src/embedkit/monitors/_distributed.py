@@ -29,7 +29,9 @@ def process_count(group: Any = None) -> int:
 def sum_across(tensors: Sequence[Tensor], group: Any = None) -> list[Tensor]:
     """Element-wise sums over the processes, one ``all_reduce`` per dtype."""
     out: list[Tensor] = [t.clone() for t in tensors]
-    for dtype in {t.dtype for t in out}:
+    # In order of first appearance: every process must issue the same collectives in the
+    # same order, and a set's order follows hashes that differ between processes.
+    for dtype in dict.fromkeys(t.dtype for t in out):
         same = [t for t in out if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in same])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)

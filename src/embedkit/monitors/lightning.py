@@ -152,7 +152,11 @@ class MonitorCallbackBase:
             self.history.record(step, report, prefix=f"{name}/")
             if self.log:
                 values = {f"{name}/{key}": float(report[key]) for key in report}
-                pl_module.log_dict({k: v for k, v in values.items() if v == v})  # NaN cannot be logged
+                # The collapse and health reports are the same on every DDP process (they
+                # combine in compute): averaging them changes nothing and tells Lightning so.
+                # Loss statistics stay per process, whose NaN keys may differ.
+                finite = {k: v for k, v in values.items() if v == v}  # NaN cannot be logged
+                pl_module.log_dict(finite, sync_dist=name != "loss")
             if self.warn and getattr(trainer, "is_global_zero", True):
                 for diagnosis in report.diagnoses:
                     if diagnosis.severity != "info":
