@@ -70,6 +70,29 @@ def test_all_embeddings_equal_is_complete_collapse(seed: int, n: int, dim: int, 
     assert collapse.docs.endswith("#complete-collapse")
 
 
+def test_every_batch_one_point_moving_between_batches_is_complete_collapse() -> None:
+    # A dead network whose last bias still learns: each batch is one point, the point drifts.
+    gen = torch.Generator().manual_seed(6)
+    monitor = EmbeddingHealthMonitor()
+    for _ in range(12):
+        point = torch.randn(32, generator=gen)
+        monitor.update(point.expand(64, 32), torch.arange(64) % 16)
+    report = monitor.compute()
+    assert report["relative_variance"] > 0.1 and report["mean_pairwise_cosine"] < 0.5  # no global sign
+    assert report["within_batch_relative_variance"] <= 1e-10
+    collapse = report.diagnosis("complete_collapse")
+    assert collapse is not None and "within every batch" in collapse.message
+
+
+def test_single_row_batches_say_nothing_about_the_spread_inside_a_batch() -> None:
+    monitor = EmbeddingHealthMonitor()
+    for row in torch.randn(40, 8, generator=torch.Generator().manual_seed(7)):
+        monitor.update(row[None, :])
+    report = monitor.compute()
+    assert math.isnan(report["within_batch_relative_variance"])
+    assert "complete_collapse" not in report.codes
+
+
 def test_all_zero_embeddings_are_complete_collapse() -> None:
     monitor = EmbeddingHealthMonitor()
     monitor.update(torch.zeros(64, 16))
@@ -230,6 +253,16 @@ def test_statistics_match_a_plain_recomputation(seed: int, n: int, dim: int, bat
     p = sigma / sigma.sum() + 1e-7
     assert report["effective_rank"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
     assert report["first_pc_variance_share"] == pytest.approx(float(eigenvalues.max() / eigenvalues.sum()))
+    spread, rows = 0.0, 0  # inside each batch of at least two rows
+    for start in range(0, n, batch):
+        chunk = z[start : start + batch]
+        if chunk.shape[0] >= 2:
+            spread, rows = spread + float(((chunk - chunk.mean(dim=0)) ** 2).sum()), rows + chunk.shape[0]
+    if rows:
+        expected = spread / rows / float((z**2).sum(dim=1).mean())
+        assert report["within_batch_relative_variance"] == pytest.approx(min(expected, 1.0), rel=1e-6)
+    else:
+        assert math.isnan(report["within_batch_relative_variance"])
 
     same = labels[:, None] == labels[None, :]
     upper = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
@@ -271,7 +304,8 @@ def test_compute_at_any_time_changes_nothing_and_reset_forgets_pending_batches()
     a, b = streamed.compute(), once.compute()
     assert a.counts == b.counts
     for key, value in b.items():
-        assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        if key != "within_batch_relative_variance":  # depends on the batching, by definition
+            assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     # A pending batch, then forgotten:
     streamed.update(torch.full((5, 24), 3.0), torch.zeros(5, dtype=torch.long), z[:5])
     streamed.reset()

@@ -99,6 +99,9 @@ class _HealthState:
     # working dtype fixed by the first batch; folded into `scatter` with the batch means
     # (see _fold).
     pending_scatter: Tensor  # (d, d)
+    # (2,) float64: Σ of the batches' within-batch scatter traces, and the rows of the
+    # batches with at least two covariance rows (the within-batch variance, see _fold)
+    within_batch: Tensor
     min_norm: Tensor
     max_norm: Tensor
     sum_unit: Tensor  # (d,) Σẑ
@@ -171,7 +174,9 @@ class EmbeddingHealthMonitor:
       1 for rank-one data, at most min(N − 1, d), and **0 when the variance is zero**),
       ``first_pc_variance_share`` (largest eigenvalue / trace; NaN at zero variance),
       ``relative_variance`` (trace of the covariance / E‖z‖²: 0 when every embedding
-      is the same, 1 for centred data);
+      is the same, 1 for centred data), ``within_batch_relative_variance`` (the same
+      for the spread inside each batch, pooled: 0 when every batch is one point, even
+      a point that moves between batches; NaN without a batch of two rows);
     * sampled: ``normalized_std`` (mean over dimensions of the std of ẑ; about 1/√d
       when isotropic, 0 when collapsed), ``mean_positive_similarity``,
       ``mean_negative_similarity``, ``positive_similarity_std``,
@@ -221,6 +226,7 @@ class EmbeddingHealthMonitor:
             mean=f64(d),
             scatter=f64(d, d),
             pending_scatter=torch.zeros((d, d), dtype=z.dtype, device=device),
+            within_batch=f64(2),
             row_sums=f64(4),
             min_norm=f64(fill=math.inf),
             max_norm=f64(fill=-math.inf),
@@ -360,6 +366,10 @@ class EmbeddingHealthMonitor:
             total = counts.sum()
             mean = (counts @ means) / total.clamp_min(1)
             deviations = (means - mean) * counts.sqrt()[:, None]
+            # Before the between-batch terms join: the spread inside the batches alone.
+            rows = counts[1:] * (counts[1:] >= 2)
+            within = torch.stack([state.pending_scatter.diagonal().sum().double(), rows.sum()])
+            state.within_batch += within
             state.scatter.add_(state.pending_scatter).addmm_(deviations.T, deviations)
             state.pending_scatter.zero_()
             state.mean, state.covariance_n = mean, total
@@ -417,8 +427,8 @@ class EmbeddingHealthMonitor:
         mean = (counts @ means) / total.clamp_min(1)
         deviations = (means - mean) * counts.sqrt()[:, None]
         seen = torch.tensor([s.seen], dtype=torch.int64, device=s.mean.device)
-        parts = [seen, s.row_sums, s.scatter, s.sum_unit, s.paired_sums]
-        seen, row_sums, scatter, sum_unit, paired_sums = sum_across(parts, group)
+        parts = [seen, s.row_sums, s.scatter, s.within_batch, s.sum_unit, s.paired_sums]
+        seen, row_sums, scatter, within_batch, sum_unit, paired_sums = sum_across(parts, group)
         scatter.addmm_(deviations.T, deviations)
         min_norm, max_norm = reduce_min_max(s.min_norm, s.max_norm, group)
         # Each process's most recent rows, as many as keep the pair sample at sample_size.
@@ -441,6 +451,7 @@ class EmbeddingHealthMonitor:
             covariance_n=total,
             mean=mean,
             scatter=scatter,
+            within_batch=within_batch,
             min_norm=min_norm,
             max_norm=max_norm,
             sum_unit=sum_unit,
@@ -546,6 +557,10 @@ class EmbeddingHealthMonitor:
             first_share = float(eigenvalues.max()) / trace
         mean_norm = sum_norm / n
         unit_sum = s.sum_unit.cpu()
+        within_trace, within_rows = s.within_batch.tolist()
+        within_variance = (
+            within_trace / within_rows / mean_sq_norm if within_rows and mean_sq_norm > 0 else math.nan
+        )
         metrics = {
             "num_samples": float(n),
             "mean_norm": mean_norm,
@@ -555,6 +570,7 @@ class EmbeddingHealthMonitor:
             "effective_rank": effective_rank,
             "first_pc_variance_share": first_share,
             "relative_variance": min(relative_variance, 1.0),
+            "within_batch_relative_variance": min(within_variance, 1.0),
             # (‖Σẑ‖² − Σ‖ẑ‖²) / (N(N − 1)), with Σ‖ẑ‖² = the number of non-zero rows.
             "mean_pairwise_cosine": (
                 (float(unit_sum @ unit_sum) - nonzero) / (n * (n - 1)) if n > 1 else math.nan
@@ -661,11 +677,19 @@ def _separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- diagnoses
 def _complete_collapse(metrics: dict[str, float], n: int) -> Diagnosis | None:
     zero_variance = metrics["relative_variance"] <= ZERO_VARIANCE
+    # NaN (no batch of two rows) compares False.
+    zero_within = metrics["within_batch_relative_variance"] <= ZERO_VARIANCE
     cosine = metrics["mean_pairwise_cosine"]
-    if not (zero_variance or (n > 1 and cosine >= COLLAPSE_COSINE)):
+    if not (zero_variance or zero_within or (n > 1 and cosine >= COLLAPSE_COSINE)):
         return None
     if zero_variance:
         what = f"all {n} embeddings are the same point (zero variance)"
+    elif zero_within:
+        what = (
+            "within every batch all embeddings are the same point (zero within-batch variance); the point "
+            f"moves between batches (relative variance over all {n} embeddings "
+            f"{metrics['relative_variance']:.2e})"
+        )
     else:
         distance = math.sqrt(max(2 - 2 * cosine, 0.0))
         what = (
@@ -680,6 +704,7 @@ def _complete_collapse(metrics: dict[str, float], n: int) -> Diagnosis | None:
             "mean_pairwise_cosine": cosine,
             "cosine_threshold": COLLAPSE_COSINE,
             "relative_variance": metrics["relative_variance"],
+            "within_batch_relative_variance": metrics["within_batch_relative_variance"],
             "zero_variance_threshold": ZERO_VARIANCE,
             "effective_rank": metrics["effective_rank"],
             "normalized_std": metrics.get("normalized_std", math.nan),
