@@ -363,9 +363,7 @@ class EmbeddingHealthMonitor:
                 [state.covariance_n[None], torch.stack([b.covariance_rows for b in batches]).double()]
             )
             means = torch.cat([state.mean[None], torch.stack([b.covariance_mean for b in batches]).double()])
-            total = counts.sum()
-            mean = (counts @ means) / total.clamp_min(1)
-            deviations = (means - mean) * counts.sqrt()[:, None]
+            total, mean, deviations = _pool(counts, means)
             # Before the between-batch terms join: the spread inside the batches alone.
             rows = counts[1:] * (counts[1:] >= 2)
             within = torch.stack([state.pending_scatter.diagonal().sum().double(), rows.sum()])
@@ -422,10 +420,7 @@ class EmbeddingHealthMonitor:
         group = self.process_group
         # The covariance pools the processes' groups of rows as _fold pools batches.
         groups = gather_same_shape(torch.cat([s.covariance_n[None], s.mean]), group)
-        counts, means = groups[:, 0], groups[:, 1:]
-        total = counts.sum()
-        mean = (counts @ means) / total.clamp_min(1)
-        deviations = (means - mean) * counts.sqrt()[:, None]
+        total, mean, deviations = _pool(groups[:, 0], groups[:, 1:])
         seen = torch.tensor([s.seen], dtype=torch.int64, device=s.mean.device)
         parts = [seen, s.row_sums, s.scatter, s.within_batch, s.sum_unit, s.paired_sums]
         seen, row_sums, scatter, within_batch, sum_unit, paired_sums = sum_across(parts, group)
@@ -640,6 +635,17 @@ def _zero_non_finite_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     # Weight 0 turns a bad row into zeros and NaNs (0 * inf), which nan_to_num_ zeroes;
     # finite rows hold no NaN/inf to change. Three times cheaper on CPU than torch.where.
     return (x * finite[:, None].to(x.dtype)).nan_to_num_(nan=0.0), finite
+
+
+def _pool(counts: Tensor, means: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Pool groups of rows given their counts (g,) and means (g, d), in float64.
+
+    Returns the total count, the pooled mean and the rows √n_g (μ_g − μ) whose product
+    DᵀD is the between-group scatter Σ n_g (μ_g − μ)(μ_g − μ)ᵀ (Chan et al., 1979).
+    """
+    total = counts.sum()
+    mean = (counts @ means) / total.clamp_min(1)
+    return total, mean, (means - mean) * counts.sqrt()[:, None]
 
 
 def _inverse(norms: Tensor) -> Tensor:
