@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,20 @@ def _data() -> tuple[torch.Tensor, ...]:
     embeddings[7] = float("nan")
     paired = embeddings + 0.1 * torch.randn(ROWS, DIM, generator=gen)
     return logits, labels, embeddings, paired
+
+
+def _run_two_processes(worker: Callable[..., None], tmp_path: Path, timeout: float = 120.0) -> None:
+    """Run ``worker(rank, 2, init_file, out_dir)`` in two processes; fail, not hang, on a deadlock."""
+    # fork: the children reuse the imported torch instead of importing it again.
+    context = torch.multiprocessing.start_processes(
+        worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the two processes did not finish within {timeout:.0f} s (a collective mismatch?)")
 
 
 def _monitors(sync: bool = True) -> tuple[ClassCollapseMonitor, EmbeddingHealthMonitor]:
@@ -74,10 +90,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
 def test_two_processes_report_what_one_process_reports(tmp_path: Path) -> None:
-    # fork: the children reuse the imported torch instead of importing it again.
-    torch.multiprocessing.start_processes(
-        _worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
-    )
+    _run_two_processes(_worker, tmp_path)
     single = _monitors()
     _feed(single, range(ROWS // BATCH))
     expected = _reports(single)
@@ -98,6 +111,35 @@ def test_two_processes_report_what_one_process_reports(tmp_path: Path) -> None:
         assert local_health["counts"]["samples"] == ROWS // 2 - (rank == 0)  # row 7 is NaN, on rank 0
     assert expected[0]["counts"]["samples"] == ROWS
     assert "class_collapse" not in [d["code"] for d in expected[0]["diagnoses"]]
+
+
+def _mismatched_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        health = EmbeddingHealthMonitor()
+        z = torch.randn(20, DIM)
+        health.update(z, torch.arange(20) % 4, z if rank == 0 else None)  # paired data on rank 0 only
+        try:
+            health.compute()
+            message = "no error"
+        except ValueError as error:
+            message = str(error)
+        Path(out_dir, f"error{rank}.txt").write_text(message)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
+def test_processes_fed_differently_get_an_error_not_a_hang(tmp_path: Path) -> None:
+    _run_two_processes(_mismatched_worker, tmp_path)
+    for rank in range(2):
+        message = (tmp_path / f"error{rank}.txt").read_text()
+        assert "the processes were fed differently" in message
+        assert "process 0: embedding_dim=16, labels=1, paired_embeddings=1" in message
+        assert "process 1: embedding_dim=16, labels=1, paired_embeddings=0" in message
 
 
 def test_collectives_are_issued_in_an_order_every_process_shares(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -203,6 +203,13 @@ def test_callback_logic_feeds_reports_logs_and_warns() -> None:
     # Combined across DDP processes already: logged as synced; loss statistics per process.
     assert module.synced["collapse/top1_accuracy"] and module.synced["health/effective_rank"]
     assert not module.synced["loss/loss"]
+    # A monitor reporting on its own process only must not be averaged: its keys may differ
+    # between processes, and Lightning's per-key collectives would hang.
+    local = MonitorCallbackBase(health=EmbeddingHealthMonitor(sync_on_compute=False), warn=False)
+    local_module = _Module()
+    local.on_train_batch_end(trainer, local_module, {"embeddings": torch.randn(8, 4)}, None, 0)
+    local.on_train_epoch_end(trainer, local_module)
+    assert local_module.synced and not any(local_module.synced.values())
     assert callback.history.latest("health/mean_pairwise_cosine") == pytest.approx(1.0, abs=1e-6)
     # The collapse and health monitors restart each epoch; with no new batch nothing is recomputed for them.
     with pytest.warns(DiagnosisWarning, match="loss_at_margin"):

@@ -421,5 +421,7 @@ def check_ks(ks: Any, name: str = "ks") -> tuple[int, ...]:
     if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
         ks = (ks,)
     if isinstance(ks, (str, bytes)) or not isinstance(ks, (Sequence, np.ndarray)) or len(ks) == 0:
-        raise TypeError(f"{name} must be a non-empty sequence of positive integers; got {describe(ks)}")
+        raise TypeError(
+            f"{name} must be a positive integer or a non-empty sequence of them; got {describe(ks)}"
+        )
     return tuple(sorted({check_int(k, name, low=1) for k in ks}))

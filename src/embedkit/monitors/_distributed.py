@@ -16,7 +16,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_rows", "gather_same_shape", "process_count", "reduce_min_max", "sum_across"]
+__all__ = [
+    "check_same_setup",
+    "gather_rows",
+    "gather_same_shape",
+    "process_count",
+    "reduce_min_max",
+    "sum_across",
+]
 
 
 def process_count(group: Any = None) -> int:
@@ -65,3 +72,22 @@ def gather_rows(tensor: Tensor, group: Any = None) -> Tensor:
     gathered = gather_same_shape(padded, group)
     out = torch.cat([part[:n] for part, n in zip(gathered, rows, strict=True)])
     return out.bool() if as_bytes else out
+
+
+def check_same_setup(setup: dict[str, int], monitor: str, device: torch.device, group: Any = None) -> None:
+    """Raise the same ``ValueError`` on every process when the processes' setups differ.
+
+    ``setup`` holds what decides the shapes of the collectives that follow (the same keys
+    on every process). Without this check, a process fed differently (no labels, another
+    dimension) would make the next collective mismatch, and training would hang.
+    """
+    everyone = gather_same_shape(torch.tensor(list(setup.values()), dtype=torch.int64, device=device), group)
+    if bool((everyone != everyone[0]).any()):
+        per_process = "; ".join(
+            f"process {rank}: " + ", ".join(f"{key}={value}" for key, value in zip(setup, row, strict=True))
+            for rank, row in enumerate(everyone.tolist())
+        )
+        raise ValueError(
+            f"{monitor}.compute(): the processes were fed differently ({per_process}); feed every process "
+            "the same way, or build the monitor with sync_on_compute=False"
+        )

@@ -33,7 +33,7 @@ from torch import Tensor
 from .._checks import check_bool, check_embeddings, check_int, check_ks, check_labels, check_real
 from ..evaluation.report import Rate, format_percent
 from ..similarity import working_dtype
-from ._distributed import process_count, sum_across
+from ._distributed import check_same_setup, process_count, sum_across
 from ._rows import spread_rows
 from .chance import chance_verdict, describe_rate, wilson_interval
 from .diagnosis import Diagnosis, non_finite
@@ -290,6 +290,8 @@ class ClassCollapseMonitor:
 
     def _combined_across_processes(self, s: _CollapseState) -> _CollapseState:
         """The state summed over the processes (a copy; every count is a sum)."""
+        setup = {"num_classes": self.num_classes, "topk_count": len(self.topk)}
+        check_same_setup(setup, "ClassCollapseMonitor", s.row_counts.device, self.process_group)
         seen = torch.tensor([s.seen], dtype=torch.int64, device=s.row_counts.device)
         parts = [seen, s.row_counts, s.histograms, s.labels, s.batch_absorption, s.sampled_sums]
         seen, row_counts, histograms, labels, batch_absorption, sampled_sums = sum_across(

@@ -55,7 +55,14 @@ from torch import Tensor
 from .._checks import check_bool, check_embeddings, check_int, check_labels, check_matching_dim
 from ..evaluation.verification import roc_auc
 from ..similarity import ZERO_NORM, l2_normalize, pairwise_similarity, working_dtype
-from ._distributed import gather_rows, gather_same_shape, process_count, reduce_min_max, sum_across
+from ._distributed import (
+    check_same_setup,
+    gather_rows,
+    gather_same_shape,
+    process_count,
+    reduce_min_max,
+    sum_across,
+)
 from ._rows import spread_rows
 from .diagnosis import Diagnosis, non_finite
 from .report import MonitorReport
@@ -147,8 +154,9 @@ class EmbeddingHealthMonitor:
     sync_on_compute : bool
         Under ``torch.distributed`` (DDP), combine the state of every process in
         :meth:`compute` (default): sums, covariance and norm range over all batches, and
-        the pair statistics over the last ``ceil(sample_size / processes)`` rows of each
-        process. Every process must then call :meth:`compute`, after at least one
+        the pair statistics over the most recent rows of each process, about
+        ``sample_size / processes`` each (a process with fewer rows leaves the sample
+        short). Every process must then call :meth:`compute`, after at least one
         update. ``False`` reports on this process's batches alone. Outside
         ``torch.distributed`` it changes nothing.
     process_group : optional
@@ -176,7 +184,8 @@ class EmbeddingHealthMonitor:
       ``relative_variance`` (trace of the covariance / E‖z‖²: 0 when every embedding
       is the same, 1 for centred data), ``within_batch_relative_variance`` (the same
       for the spread inside each batch, pooled: 0 when every batch is one point, even
-      a point that moves between batches; NaN without a batch of two rows);
+      a point that moves between batches; measured on the sampled covariance rows, NaN
+      without a batch of two finite ones);
     * sampled: ``normalized_std`` (mean over dimensions of the std of ẑ; about 1/√d
       when isotropic, 0 when collapsed), ``mean_positive_similarity``,
       ``mean_negative_similarity``, ``positive_similarity_std``,
@@ -418,6 +427,13 @@ class EmbeddingHealthMonitor:
     def _combined_across_processes(self, s: _HealthState) -> _HealthState:
         """The state of every process combined (a copy; see ``sync_on_compute``)."""
         group = self.process_group
+        setup = {
+            "embedding_dim": s.mean.shape[0],
+            "labels": int(self._with_labels),
+            "paired_embeddings": int(self._with_paired),
+            "bytes_per_value": s.pending_scatter.element_size(),
+        }
+        check_same_setup(setup, "EmbeddingHealthMonitor", s.mean.device, group)
         # The covariance pools the processes' groups of rows as _fold pools batches.
         groups = gather_same_shape(torch.cat([s.covariance_n[None], s.mean]), group)
         total, mean, deviations = _pool(groups[:, 0], groups[:, 1:])

@@ -152,11 +152,8 @@ class MonitorCallbackBase:
             self.history.record(step, report, prefix=f"{name}/")
             if self.log:
                 values = {f"{name}/{key}": float(report[key]) for key in report}
-                # The collapse and health reports are the same on every DDP process (they
-                # combine in compute): averaging them changes nothing and tells Lightning so.
-                # Loss statistics stay per process, whose NaN keys may differ.
                 finite = {k: v for k, v in values.items() if v == v}  # NaN cannot be logged
-                pl_module.log_dict(finite, sync_dist=name != "loss")
+                pl_module.log_dict(finite, sync_dist=_same_on_every_process(monitors[name]))
             if self.warn and getattr(trainer, "is_global_zero", True):
                 for diagnosis in report.diagnoses:
                     if diagnosis.severity != "info":
@@ -167,6 +164,18 @@ class MonitorCallbackBase:
         self.reports.update(reports)
         self._updated = {"loss"} & self._updated  # the loss history carries over, the others restart
         return reports
+
+
+def _same_on_every_process(monitor: object) -> bool:
+    """Whether a report is identical on every DDP process, so Lightning may average it.
+
+    Only then: Lightning reduces each logged key with its own collective, so processes
+    whose reports differ (per-process loss statistics, a monitor with
+    ``sync_on_compute=False`` or a subgroup) would log different keys and hang.
+    """
+    return (
+        bool(getattr(monitor, "sync_on_compute", False)) and getattr(monitor, "process_group", None) is None
+    )
 
 
 def _lightning_callback() -> type:
