@@ -142,6 +142,33 @@ def test_processes_fed_differently_get_an_error_not_a_hang(tmp_path: Path) -> No
         assert "process 1: embedding_dim=16, labels=1, paired_embeddings=0" in message
 
 
+def _uneven_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        health = EmbeddingHealthMonitor(sample_size=64)
+        rows = 3 if rank == 0 else 100
+        health.update(torch.randn(rows, DIM), torch.arange(rows) % 5)
+        Path(out_dir, f"sample{rank}.txt").write_text(str(health.compute().counts["sample_rows"]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
+def test_a_process_with_few_rows_leaves_its_share_of_the_pair_sample_to_the_others(tmp_path: Path) -> None:
+    _run_two_processes(_uneven_worker, tmp_path)
+    assert [(tmp_path / f"sample{rank}.txt").read_text() for rank in range(2)] == ["64", "64"]  # 3 + 61
+
+
+def test_shares_of_the_pair_sample() -> None:
+    assert _distributed.fair_shares([3, 100], 64) == [3, 61]
+    assert _distributed.fair_shares([50, 50, 50], 64) == [22, 21, 21]
+    assert _distributed.fair_shares([100, 2, 7], 64) == [55, 2, 7]
+    assert _distributed.fair_shares([0, 0], 64) == [0, 0]
+
+
 def test_collectives_are_issued_in_an_order_every_process_shares(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every process must issue the same collectives in the same order. Ordering by a set of
     # dtypes broke that (hashes differ between processes): one process summed its int64

@@ -18,9 +18,11 @@ from torch import Tensor
 
 __all__ = [
     "check_same_setup",
+    "fair_shares",
     "gather_rows",
     "gather_same_shape",
     "process_count",
+    "process_index",
     "reduce_min_max",
     "sum_across",
 ]
@@ -31,6 +33,34 @@ def process_count(group: Any = None) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return int(dist.get_world_size(group))
+
+
+def process_index(group: Any = None) -> int:
+    """This process's rank in ``group`` (0 outside ``torch.distributed``)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return int(dist.get_rank(group))
+
+
+def fair_shares(available: Sequence[int], total: int) -> list[int]:
+    """Split ``total`` rows between processes holding ``available`` rows each, evenly.
+
+    A process with fewer rows than its even share gives them all, and the rest is split
+    evenly between the others (the same result on every process: no randomness).
+
+    >>> fair_shares([3, 100], 64)
+    [3, 61]
+    >>> fair_shares([50, 50, 50], 64)
+    [22, 21, 21]
+    """
+    shares = [0] * len(available)
+    remaining = total
+    by_rows = sorted(range(len(available)), key=lambda i: (available[i], i))
+    for position, index in enumerate(by_rows):
+        left = len(available) - position
+        shares[index] = min(available[index], -(-remaining // left))  # ceil: the first ones round up
+        remaining -= shares[index]
+    return shares
 
 
 def sum_across(tensors: Sequence[Tensor], group: Any = None) -> list[Tensor]:

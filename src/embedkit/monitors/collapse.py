@@ -108,10 +108,10 @@ class ClassCollapseMonitor:
     confidence : float
         Coverage of the Wilson intervals used to compare accuracies with chance.
     softmax_rows : int or None
-        Rows of each batch (every k-th, spread over it) on which the max-softmax confidence and the
-        logit mean and spread are measured; ``None`` for all rows (exact, about 1.5× the
-        update cost at batch 1,024 and 1,000 classes: the softmax needs an ``exp`` of
-        every logit). Default 128; ``counts["softmax_samples"]`` says how many rows these
+        Rows of each batch (every k-th, spread over it) on which the max-softmax
+        confidence and the logit mean and spread are measured; ``None`` for all rows
+        (exact, about 1.5× the update cost at batch 1,024 and 1,000 classes: the softmax
+        needs an ``exp`` of every logit). Default 128; ``counts["softmax_samples"]`` says how many rows these
         statistics rest on.
     sync_on_compute : bool
         Under ``torch.distributed`` (DDP), combine the counts of every process in

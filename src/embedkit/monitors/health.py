@@ -57,9 +57,11 @@ from ..evaluation.verification import roc_auc
 from ..similarity import ZERO_NORM, l2_normalize, pairwise_similarity, working_dtype
 from ._distributed import (
     check_same_setup,
+    fair_shares,
     gather_rows,
     gather_same_shape,
     process_count,
+    process_index,
     reduce_min_max,
     sum_across,
 )
@@ -149,16 +151,17 @@ class EmbeddingHealthMonitor:
         Rows kept (the most recent ones) for the pairwise statistics; at least 2.
         The pair statistics of one ``compute()`` cost O(sample_size² · d).
     covariance_rows : int or None
-        Rows of each batch (every k-th, spread over it) that enter the covariance; ``None`` for
-        all rows (exact, about 4× the update cost at batch 1,024 and d = 512). Default 64.
+        Rows of each batch (every k-th, spread over it) that enter the covariance;
+        ``None`` for all rows (exact, about 4× the update cost at batch 1,024 and
+        d = 512). Default 64.
     sync_on_compute : bool
         Under ``torch.distributed`` (DDP), combine the state of every process in
         :meth:`compute` (default): sums, covariance and norm range over all batches, and
-        the pair statistics over the most recent rows of each process, about
-        ``sample_size / processes`` each (a process with fewer rows leaves the sample
-        short). Every process must then call :meth:`compute`, after at least one
-        update. ``False`` reports on this process's batches alone. Outside
-        ``torch.distributed`` it changes nothing.
+        the pair statistics over the most recent ``sample_size`` rows, an even share
+        from each process (a process with fewer rows leaves its share to the others).
+        Every process must then call :meth:`compute`, after at least one update.
+        ``False`` reports on this process's batches alone. Outside ``torch.distributed``
+        it changes nothing.
     process_group : optional
         The ``torch.distributed`` group to combine over (default: all processes).
 
@@ -442,8 +445,12 @@ class EmbeddingHealthMonitor:
         seen, row_sums, scatter, within_batch, sum_unit, paired_sums = sum_across(parts, group)
         scatter.addmm_(deviations.T, deviations)
         min_norm, max_norm = reduce_min_max(s.min_norm, s.max_norm, group)
-        # Each process's most recent rows, as many as keep the pair sample at sample_size.
-        last = slice(-math.ceil(self.sample_size / process_count(group)), None)
+        # Each process's most recent rows, sample_size in all: an even share from each,
+        # and the shares of processes with fewer rows go to the others.
+        kept = min(sum(rows.usable.shape[0] for rows in s.recent), self.sample_size)
+        device = s.mean.device
+        available = gather_same_shape(torch.tensor([kept], device=device), group)[:, 0].tolist()
+        last = slice(kept - fair_shares(available, self.sample_size)[process_index(group)], None)
         usable = gather_rows(torch.cat([rows.usable for rows in s.recent])[last], group)
         recent = _RecentRows(
             gather_rows(torch.cat([rows.embeddings for rows in s.recent])[last], group),
