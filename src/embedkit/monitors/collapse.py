@@ -8,14 +8,14 @@ than it is accurate (``overconfident``) and NaN/inf logits (``non_finite``).
 
 Life cycle (torchmetrics style): :meth:`~ClassCollapseMonitor.update` once per batch
 does the work that needs the logits and keeps a few per-row results on the logits'
-device, which are counted up to eight batches at a time — all without a device-to-host sync
-(no ``.item()``, no indexing with a tensor, no ``bincount`` — whose CUDA kernel reads
-the maximum back — and no data-dependent shapes); :meth:`~ClassCollapseMonitor.compute`
-counts what is pending, reads the counts back once and interprets them;
-:meth:`~ClassCollapseMonitor.reset` starts over. Every
+device, which are counted up to eight batches at a time — all without a
+device-to-host sync (no ``.item()``, no indexing with a tensor, no ``bincount`` —
+whose CUDA kernel reads the maximum back — and no data-dependent shapes);
+:meth:`~ClassCollapseMonitor.compute` counts what is pending, reads the counts back
+once and interprets them; :meth:`~ClassCollapseMonitor.reset` starts over. Every
 statistic is exact over all rows seen since the last reset, except the mean
-max-softmax confidence and the logit mean and spread, which by default come from the
-128 rows spread evenly over each batch (``softmax_rows``).
+max-softmax confidence and the logit mean and spread, which by default come from 128
+rows spread evenly over each batch (``softmax_rows``).
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ class ClassCollapseMonitor:
         Rows of each batch (every k-th, spread over it) on which the max-softmax
         confidence and the logit mean and spread are measured; ``None`` for all rows
         (exact, about 1.5× the update cost at batch 1,024 and 1,000 classes: the softmax
-        needs an ``exp`` of every logit). Default 128; ``counts["softmax_samples"]`` says how many rows these
-        statistics rest on.
+        needs an ``exp`` of every logit). Default 128; ``counts["softmax_samples"]`` says
+        how many rows these statistics rest on.
     sync_on_compute : bool
         Under ``torch.distributed`` (DDP), combine the counts of every process in
         :meth:`compute` (default), so each process reports on all batches; every process
@@ -257,9 +257,8 @@ class ClassCollapseMonitor:
 
             # Each batch's histograms as one row of a (batches, C) table: predictions and
             # predictions of samples of other classes, and labels.
-            offsets = [i * c for i in range(len(batches))]
-            cell = torch.cat([b.predicted + offset for b, offset in zip(batches, offsets, strict=True)])
-            label_cell = torch.cat([b.labels + offset for b, offset in zip(batches, offsets, strict=True)])
+            offset = torch.cat([torch.full_like(b.labels, i * c) for i, b in enumerate(batches)])
+            cell, label_cell = predicted + offset, y + offset
             weights = torch.stack([used, used & (predicted != y)], dim=1).long()
             per_batch = torch.zeros((len(batches) * c, 2), dtype=torch.int64, device=used.device)
             per_batch = per_batch.index_add_(0, cell, weights).view(len(batches), c, 2)

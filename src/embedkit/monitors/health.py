@@ -282,11 +282,11 @@ class EmbeddingHealthMonitor:
                     f"paired_embeddings has {paired_embeddings.shape[0]} rows but embeddings has {b}; "
                     "expected one paired embedding per row"
                 )
-        if paired_embeddings is not None and paired_embeddings.device != embeddings.device:
-            raise ValueError(
-                f"paired_embeddings is on {paired_embeddings.device} but embeddings is on "
-                f"{embeddings.device}; expected both on the same device"
-            )
+            if paired_embeddings.device != device:
+                raise ValueError(
+                    f"paired_embeddings is on {paired_embeddings.device} but embeddings is on {device}; "
+                    "expected both on the same device"
+                )
         z = embeddings.detach().to(working_dtype(embeddings.dtype))
         if self._state is None:
             self._state = self._new_state(z, labels is not None, paired_embeddings is not None)
