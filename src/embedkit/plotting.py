@@ -1,10 +1,12 @@
-"""Figures for evaluation reports: ROC, DET, score histograms and CMC curves.
+"""Figures for evaluation reports (ROC, DET, score histograms, CMC curves), training
+histories with the steps where a diagnosis fired, and grids of retrieved matches.
 
 matplotlib is an optional dependency (``pip install embedkit[plot]``); it is imported
 only when a plot function is called. Every function draws on ``ax`` when given (or on
 a new figure from ``matplotlib.pyplot.subplots``), returns the ``Axes``, and never calls
 ``plt.show()`` — so they work the same in a notebook, a script with the Agg backend and
-a test. Save with ``ax.figure.savefig("roc.png")``.
+a test. Save with ``ax.figure.savefig("roc.png")``. The one exception is
+:func:`plot_matches`, which draws a grid of images and so returns its ``Figure``.
 
 Example
 -------
@@ -16,28 +18,45 @@ Example
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
-from ._checks import as_bool_array, as_float_array
+from ._checks import _to_numpy, as_bool_array, as_float_array, check_int, check_real, describe
 from .evaluation.report import Report
 from .evaluation.verification import far_key
+from .monitors.history import TrainingHistory
 
-__all__ = ["plot_cmc", "plot_det", "plot_roc", "plot_score_histograms"]
+__all__ = [
+    "plot_cmc",
+    "plot_det",
+    "plot_history",
+    "plot_matches",
+    "plot_roc",
+    "plot_score_histograms",
+]
 
 # Probabilities labelled on the normal-deviate axes of a DET plot.
 _DET_TICKS = (1e-4, 1e-3, 1e-2, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)
 
 
-def _axes(ax: Any) -> Any:
-    """``ax``, or the axes of a new pyplot figure; a clear ImportError without matplotlib."""
+def _pyplot() -> Any:
+    """``matplotlib.pyplot``; a clear ImportError without matplotlib."""
     try:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ImportError(
             "embedkit's plots need matplotlib, which is not installed: pip install embedkit[plot]"
         ) from exc
+    return plt
+
+
+def _axes(ax: Any) -> Any:
+    """``ax``, or the axes of a new pyplot figure; a clear ImportError without matplotlib."""
+    plt = _pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 4.5))
     return ax
@@ -266,3 +285,354 @@ def plot_cmc(cmc_values_or_report: Any, ax: Any = None, *, chance: Any = None, l
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     return ax
+
+
+# A line with at most this many points gets a marker on every point.
+_FEW_POINTS = 30
+_CORRECT_COLOR = "tab:green"
+_WRONG_COLOR = "tab:red"
+_EVENT_COLOR = "red"
+
+
+def _history_keys(keys: Any) -> list[str]:
+    if isinstance(keys, str):
+        keys = [keys]
+    if not isinstance(keys, Sequence) or len(keys) == 0:
+        raise TypeError(f"keys must be a str or a non-empty sequence of str; got {describe(keys)}")
+    for k, key in enumerate(keys):
+        if not isinstance(key, str):
+            raise TypeError(f"keys[{k}] must be a str (a recorded name); got {describe(key)}")
+    return list(keys)
+
+
+def _history_series(history: Any, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The steps and values of ``key`` in a TrainingHistory or a mapping of key to (steps, values)."""
+    if isinstance(history, TrainingHistory):
+        if key not in history.keys:
+            known = ", ".join(repr(k) for k in history.keys) or "nothing recorded yet"
+            raise ValueError(f"keys: {key!r} is not in the history; it has {known}")
+        return history.series(key)
+    if not isinstance(history, Mapping):
+        raise TypeError(
+            "history must be a TrainingHistory or a mapping of key to (steps, values); "
+            f"got {describe(history)}"
+        )
+    if key not in history:
+        known = ", ".join(repr(k) for k in history) or "no keys"
+        raise ValueError(f"keys: {key!r} is not in the history; it has {known}")
+    entry = history[key]
+    if (
+        isinstance(entry, (str, bytes))
+        or not isinstance(entry, (Sequence, np.ndarray, Tensor))
+        or len(entry) != 2
+    ):
+        raise TypeError(f"history[{key!r}] must be a (steps, values) pair; got {describe(entry)}")
+    steps = as_float_array(entry[0], f"history[{key!r}] steps", allow_empty=True)
+    values = _to_numpy(entry[1], f"history[{key!r}] values", "a 1-D array, tensor or sequence of numbers")
+    if values.dtype == np.bool_ or values.dtype.kind not in "iuf":
+        raise TypeError(f"history[{key!r}] values must hold real numbers; got {describe(values)}")
+    if values.ndim != 1 or values.shape[0] != steps.shape[0]:
+        raise ValueError(
+            f"history[{key!r}] has {steps.shape[0]} steps but values of shape {values.shape}; "
+            "expected one value per step"
+        )
+    return steps, values.astype(np.float64)
+
+
+def _history_events(events: Any) -> list[tuple[float, str]]:
+    """``events`` as (step, text) pairs, the texts of events at the same step joined."""
+    if events is None:
+        return []
+    if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
+        raise TypeError(
+            "events must be a sequence of (step, text) pairs such as [(1200, 'class_collapse')]; "
+            f"got {describe(events)}"
+        )
+    merged: dict[float, list[str]] = {}
+    for k, event in enumerate(events):
+        if isinstance(event, (str, bytes)) or not isinstance(event, Sequence) or len(event) != 2:
+            raise TypeError(
+                f"events[{k}] must be a (step, text) pair such as (1200, 'class_collapse'); "
+                f"got {describe(event)}"
+            )
+        step = check_real(event[0], f"events[{k}] step")
+        if not isinstance(event[1], str):
+            raise TypeError(
+                f"events[{k}] text must be a str such as 'class_collapse'; got {describe(event[1])}"
+            )
+        merged.setdefault(step, []).append(event[1])
+    return [(step, ", ".join(texts)) for step, texts in merged.items()]
+
+
+def plot_history(
+    history: TrainingHistory | Mapping[str, Any],
+    keys: str | Sequence[str],
+    ax: Any = None,
+    *,
+    events: Sequence[tuple[float, str]] | None = None,
+    labels: Mapping[str, str] | None = None,
+    chance: float | None = None,
+    ylabel: str | None = None,
+    logy: bool = False,
+) -> Any:
+    """Recorded statistics against the training step, with the steps where diagnoses fired.
+
+    Parameters
+    ----------
+    history : TrainingHistory or mapping of str to (steps, values)
+        A :class:`~embedkit.monitors.history.TrainingHistory` (Rates are drawn as their
+        values), or ``{key: (steps, values)}`` with 1-D array-likes or tensors of the
+        same length ``n``.
+    keys : str or sequence of str
+        The names to draw, one line each (with a marker on every point when a line has
+        at most 30 points). NaN and infinite values are left as gaps in the line.
+    ax : matplotlib Axes, optional
+        Where to draw; a new figure when omitted.
+    events : sequence of (float, str), optional
+        ``(step, text)`` pairs, e.g. ``[(1200, "class_collapse")]`` for the step at which
+        a monitor's diagnosis first fired. Each is a dotted red vertical line with its
+        text written upwards near the top of the axes; the legend has one entry
+        "diagnosis first fired" for all of them. Texts of events at the same step are
+        joined with ", ".
+    labels : mapping of str to str, optional
+        Legend label of a key (default: the key itself); keys not drawn are ignored.
+    chance : float, optional
+        Draw the chance level of the statistic as a grey dashed horizontal line.
+    ylabel : str, optional
+        The y axis label (the x axis is labelled "step").
+    logy : bool
+        Logarithmic y axis (for losses); values <= 0 cannot be shown on it.
+
+    Returns
+    -------
+    matplotlib Axes
+        One line per key in the order given, then the chance line, then one vertical
+        line per event step.
+
+    Examples
+    --------
+    >>> ax = plot_history(history, "top1", chance=1 / 1000, ylabel="top-1 accuracy",
+    ...                   events=[(1200, "class_collapse")])           # doctest: +SKIP
+    """
+    names = _history_keys(keys)
+    series = [_history_series(history, key) for key in names]
+    if labels is not None and not isinstance(labels, Mapping):
+        raise TypeError(f"labels must be a mapping of key to legend label; got {describe(labels)}")
+    legend = {key: key for key in names}
+    for key in names:
+        if labels is not None and key in labels:
+            if not isinstance(labels[key], str):
+                raise TypeError(f"labels[{key!r}] must be a str; got {describe(labels[key])}")
+            legend[key] = labels[key]
+    level = None if chance is None else check_real(chance, "chance")
+    marks = _history_events(events)
+    if ylabel is not None and not isinstance(ylabel, str):
+        raise TypeError(f"ylabel must be a str; got {describe(ylabel)}")
+    if not isinstance(logy, (bool, np.bool_)):
+        raise TypeError(f"logy must be True or False; got {describe(logy)}")
+
+    ax = _axes(ax)
+    for key, (steps, values) in zip(names, series, strict=True):
+        ax.plot(steps, values, marker="o" if steps.shape[0] <= _FEW_POINTS else None, label=legend[key])
+    if level is not None:
+        ax.axhline(level, color="grey", linestyle="--", linewidth=1, label="chance")
+    # x in data coordinates, y in axes coordinates: the texts stay near the top whatever the y range.
+    top = ax.get_xaxis_transform()
+    for k, (step, text) in enumerate(marks):
+        ax.axvline(
+            step,
+            color=_EVENT_COLOR,
+            linestyle=":",
+            linewidth=1.5,
+            label="diagnosis first fired" if k == 0 else "_nolegend_",
+        )
+        ax.text(
+            step, 0.98, text, transform=top, rotation=90, ha="right", va="top", fontsize=8, color=_EVENT_COLOR
+        )
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.grid(True, which="both" if logy else "major", alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def _image_stack(images: Any, name: str) -> tuple[Any, bool]:
+    """``images`` as a tensor or array of images, and whether its channels come first."""
+    expected = "(n, 3, H, W), (n, H, W, 3) or (n, H, W)"
+    if isinstance(images, Tensor):
+        floating = images.is_floating_point() or images.dtype == torch.uint8
+    else:
+        if not isinstance(images, np.ndarray):
+            if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+                raise TypeError(
+                    f"{name} must be an array or tensor of shape {expected}; got {describe(images)}"
+                )
+            images = np.asarray(images)
+        floating = images.dtype.kind == "f" or images.dtype == np.uint8
+    if not floating:
+        raise TypeError(f"{name} must hold floats in [0, 1] (or uint8 in [0, 255]); got {describe(images)}")
+    shape = tuple(images.shape)
+    if len(shape) == 4 and shape[1] in (1, 3):
+        channels_first = True
+    elif len(shape) == 4 and shape[3] in (1, 3):
+        channels_first = False
+    elif len(shape) == 3:
+        channels_first = False  # grayscale
+    else:
+        raise ValueError(f"{name} must have shape {expected} (1 channel also works); got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {shape}); expected at least one image")
+    return images, channels_first
+
+
+def _image_rows(images: Any, channels_first: bool, rows: np.ndarray, name: str) -> np.ndarray:
+    """Rows ``rows`` of ``images`` as float64 (m, H, W, 3) or (m, H, W), clipped to [0, 1]."""
+    if isinstance(images, Tensor):
+        picked = _to_numpy(images[torch.as_tensor(rows, device=images.device)], name, "")
+    else:
+        picked = images[rows]
+    array = picked / 255.0 if picked.dtype == np.uint8 else picked.astype(np.float64)
+    finite = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
+    if not finite.all():
+        bad = rows[~finite].tolist()
+        raise ValueError(
+            f"{name} holds NaN or inf in the image(s) at row(s) {bad[:5]}; expected finite pixel values"
+        )
+    if channels_first:
+        array = np.moveaxis(array, 1, -1)
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return np.clip(array, 0.0, 1.0)
+
+
+def _match_table(values: Any, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+    """A 2-D (n_probes, k) array, of ``shape`` when given."""
+    array = _to_numpy(values, name, "a 2-D array or tensor of shape (n_probes, k)")
+    if shape is None:
+        if array.ndim != 2 or 0 in array.shape:
+            raise ValueError(
+                f"{name} must be 2-D and non-empty, of shape (n_probes, k); got shape {array.shape}"
+            )
+    elif array.shape != shape:
+        raise ValueError(
+            f"{name} has shape {array.shape} but indices has shape {shape}; expected one entry per match"
+        )
+    return array
+
+
+def _show_image(ax: Any, image: np.ndarray, title: str, color: str | None) -> None:
+    if image.ndim == 2:
+        ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8, color=color or "black")
+    if color is not None:
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(3)
+
+
+def plot_matches(
+    probe_images: Any,
+    gallery_images: Any,
+    indices: Any,
+    is_correct: Any,
+    *,
+    scores: Any = None,
+    max_probes: int = 8,
+    fig: Any = None,
+) -> Any:
+    """A grid of probes and their top-k gallery matches, framed green (correct) or red.
+
+    Row ``i`` shows ``probe_images[i]`` (titled "probe") followed by the gallery images
+    ``gallery_images[indices[i, 0]], gallery_images[indices[i, 1]], ...`` in rank order,
+    each titled with its rank and score (``"#1 0.831"``) and framed in green when
+    ``is_correct[i, j]`` is true, red otherwise.
+
+    Parameters
+    ----------
+    probe_images : ndarray or Tensor of shape (n, 3, H, W), (n, H, W, 3) or (n, H, W)
+        Channels first (as torch models take them), channels last, or grayscale; floats
+        in [0, 1] (values outside are clipped) or uint8 in [0, 255]. Tensors may be on
+        any device. Needs at least as many images as rows drawn.
+    gallery_images : ndarray or Tensor of shape (n_gallery, ...)
+        The gallery, in any of the layouts ``probe_images`` may have. Only the images
+        drawn are copied to the host and checked to be finite (as are the probes).
+    indices : array-like or Tensor of shape (n_probes, k) and integer dtype
+        Row ``i``: the gallery rows of the top-k matches of probe ``i``, best first,
+        each in ``[0, n_gallery)``.
+    is_correct : array-like or Tensor of shape (n_probes, k)
+        Booleans (or 0/1): whether each match has the probe's identity.
+    scores : array-like or Tensor of shape (n_probes, k), optional
+        The score (or distance) of each match, shown after its rank.
+    max_probes : int
+        Draw the first ``min(max_probes, n_probes)`` probes only.
+    fig : matplotlib Figure, optional
+        An empty figure (or subfigure) to draw into; a new one sized to the grid when
+        omitted.
+
+    Returns
+    -------
+    matplotlib Figure
+        Not an Axes, since this is a grid: ``fig.axes`` holds
+        ``min(max_probes, n_probes) * (k + 1)`` axes, row by row, each without ticks.
+        Save with ``fig.savefig("matches.png")``.
+    """
+    probes, probes_first = _image_stack(probe_images, "probe_images")
+    gallery, gallery_first = _image_stack(gallery_images, "gallery_images")
+    index = _match_table(indices, "indices", None)
+    if index.dtype.kind not in "iu":
+        raise TypeError(f"indices must hold integer gallery rows; got {describe(index)}")
+    correct = _match_table(is_correct, "is_correct", index.shape)
+    if correct.dtype != np.bool_:
+        if correct.dtype.kind not in "iu":
+            raise TypeError(f"is_correct must hold booleans (or integers 0/1); got {describe(correct)}")
+        if not np.isin(correct, (0, 1)).all():
+            raise ValueError("is_correct must hold only booleans or 0/1; found other values")
+        correct = correct.astype(bool)
+    score = None
+    if scores is not None:
+        score = _match_table(scores, "scores", index.shape)
+        if score.dtype == np.bool_ or score.dtype.kind not in "iuf":
+            raise TypeError(f"scores must hold real numbers; got {describe(score)}")
+    max_probes = check_int(max_probes, "max_probes", low=1)
+    n_gallery = int(gallery.shape[0])
+    if index.min() < 0 or index.max() >= n_gallery:
+        bad = int(index.min()) if index.min() < 0 else int(index.max())
+        raise ValueError(
+            f"indices must be gallery rows in [0, {n_gallery}) (gallery_images has {n_gallery} images); "
+            f"found {bad}"
+        )
+    n_rows, k = min(max_probes, index.shape[0]), index.shape[1]
+    if probes.shape[0] < n_rows:
+        raise ValueError(
+            f"probe_images has {probes.shape[0]} images but {n_rows} probe rows are drawn (indices has "
+            f"{index.shape[0]} rows, max_probes={max_probes}); row i of indices belongs to probe_images[i]"
+        )
+    if fig is not None:
+        from matplotlib.figure import FigureBase
+
+        if not isinstance(fig, FigureBase):
+            raise TypeError(f"fig must be a matplotlib Figure; got {describe(fig)}")
+    plt = _pyplot()
+
+    probe_rows = _image_rows(probes, probes_first, np.arange(n_rows), "probe_images")
+    wanted = np.unique(index[:n_rows])
+    gallery_rows = _image_rows(gallery, gallery_first, wanted, "gallery_images")
+    if fig is None:
+        fig = plt.figure(figsize=(1.5 * (k + 1), 1.7 * n_rows))
+    axes = fig.subplots(n_rows, k + 1, squeeze=False)
+    for i in range(n_rows):
+        _show_image(axes[i, 0], probe_rows[i], "probe", None)
+        for j in range(k):
+            title = f"#{j + 1}" if score is None else f"#{j + 1} {float(score[i, j]):.3g}"
+            image = gallery_rows[np.searchsorted(wanted, index[i, j])]
+            _show_image(axes[i, j + 1], image, title, _CORRECT_COLOR if correct[i, j] else _WRONG_COLOR)
+    if fig.get_layout_engine() is None:  # leave a constrained or tight layout to itself
+        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.92, wspace=0.1, hspace=0.35)
+    return fig

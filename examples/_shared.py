@@ -1,0 +1,128 @@
+"""What the bundled reproductions share: their flags, device choice, progress bars and outputs.
+
+Every reproduction takes the same flags (``--data-dir``, ``--quick``, ``--device``,
+``--out``, ``--seed``), shows tqdm progress bars when tqdm is installed, and writes
+``report.json``, ``report.md`` and PNG figures into ``--out`` — the figures only when
+matplotlib is installed (``pip install embedkit[examples]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from embedkit.evaluation.report import to_plain
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every reproduction takes."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="a real image folder laid out as root/<identity>/<image> (default: built-in synthetic data)",
+    )
+    p.add_argument("--quick", action="store_true", help="a small configuration that runs in minutes on a CPU")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: out/<example>[-quick])")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` is CUDA when available, else CPU; asking for CUDA without it is an error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            "--device cuda was asked for, but torch.cuda.is_available() is False on this machine"
+        )
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def command_line() -> str:
+    """The command that started this process, to write beside every number it made."""
+    return shlex.join(["python", *sys.argv])
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+
+@contextmanager
+def progress(total: int, description: str, enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar (``update``, ``set_postfix_str``), or a silent stand-in without tqdm."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield _Silent()
+        return
+    with tqdm(total=total, desc=description, leave=False, dynamic_ncols=True) as bar:
+        yield bar
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured markdown table (it reads as plain text on a terminal too)."""
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def _strict(value: Any) -> Any:
+    """NaN and infinities as null: report.json must be strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def write_report(out: Path, report: dict[str, Any], markdown: str) -> None:
+    """``report.json`` (strict JSON, NaN written as null) and ``report.md`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_strict(to_plain(report)), indent=2, allow_nan=False)
+    (out / "report.json").write_text(text + "\n", encoding="utf-8")
+    (out / "report.md").write_text(markdown, encoding="utf-8")
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figures (pip install embedkit[examples])", file=sys.stderr)
+        return None
+    return plt
+
+
+def save(fig: Any, path: Path) -> str:
+    """Save a figure, close it and return its file name (for report.md links)."""
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path.name
