@@ -676,13 +676,18 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
                 f"{r['different_identity_similarity']:.3f}",
                 str(r["rank-1"]),
                 f"{r['rank-5'].hits}/{r['rank-5'].total} = {r['rank-5'].value:.1%}",
-                f"{r['tar@far=0.001']:.3f}",
-                f"{r['eer']:.3f}",
+                _number(r["tar@far=0.001"]),
+                _number(r["eer"]),
                 fired or ("n/a" if r["monitors"] is None else "none"),
                 f"{r['training_seconds']:.0f}",
             ]
         )
     return rows
+
+
+def _number(x: float) -> str:
+    """Three decimals, or "n/a" for NaN (e.g. TAR at a FAR finer than the impostor pairs allow)."""
+    return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
 def figures(out: Path, results: dict[str, dict[str, Any]], data: FaceData, dsr_probes: Tensor) -> list[str]:
