@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -96,7 +97,7 @@ class Config:
         return self.val_gallery + self.val_probe + self.test_gallery + self.test_probe
 
 
-FULL = Config(pretrain_identities=1000, finetune_identities=518, images_per_identity=16)
+FULL = Config(pretrain_identities=1000, finetune_identities=518, images_per_identity=16, dsr_epochs=4)
 QUICK = Config(
     pretrain_identities=400,
     finetune_identities=80,
@@ -151,10 +152,16 @@ def load_data(config: Config, data_dir: Path | None, seed: int) -> FaceData:
     identity's images are split into training, validation gallery/probe and test
     gallery/probe images, pairwise disjoint (checked again by the Gallery's image ids).
     """
+    if config.images_per_identity <= config.held_out:
+        raise ValueError(
+            f"images_per_identity={config.images_per_identity} leaves no training image: "
+            f"{config.held_out} images per identity are held out for validation and test"
+        )
+    data_seed, vlr_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
     notes = []
     if data_dir is None:
         total = config.pretrain_identities + config.finetune_identities
-        data = synthetic_identities(total, config.images_per_identity, size=config.hr_size, seed=seed)
+        data = synthetic_identities(total, config.images_per_identity, size=config.hr_size, seed=data_seed)
         source = f"synthetic: {total} identities x {config.images_per_identity} images, {config.hr_size}px"
         pretrain_rows, finetune_rows = split_identities(
             data.labels, (config.pretrain_identities, None), seed=seed
@@ -187,7 +194,7 @@ def load_data(config: Config, data_dir: Path | None, seed: int) -> FaceData:
             f"{wanted} identities with at least {config.held_out + 1} images fine-tune and are evaluated; "
             "the others pretrain the backbone"
         )
-    vlr = very_low_resolution(data.images, config.vlr_size, seed=seed)
+    vlr = very_low_resolution(data.images, config.vlr_size, seed=vlr_seed)
     finetune = data.subset(finetune_rows, relabel=True)
     finetune_vlr = vlr[torch.from_numpy(finetune_rows)]
     parts = split_images(
@@ -196,8 +203,15 @@ def load_data(config: Config, data_dir: Path | None, seed: int) -> FaceData:
         seed=seed,
     )
     train, val_gallery, val_probe, test_gallery, test_probe = (finetune.subset(rows) for rows in parts)
+    pretrain = data.subset(pretrain_rows, relabel=True)
+    # No leakage: no image in two parts, no identity both pretrained on and fine-tuned.
+    every_image = np.concatenate(
+        [part.image_ids for part in (train, val_gallery, val_probe, test_gallery, test_probe)]
+    )
+    assert np.unique(every_image).size == every_image.size == len(finetune), "an image is in two parts"
+    assert not set(pretrain.identity_names) & set(finetune.identity_names), "an identity is in both sets"
     return FaceData(
-        pretrain=data.subset(pretrain_rows, relabel=True),
+        pretrain=pretrain,
         pretrain_vlr=vlr[torch.from_numpy(pretrain_rows)],
         train=train,
         train_vlr=finetune_vlr[torch.from_numpy(parts[0])],
@@ -411,7 +425,11 @@ RECIPES = (
 
 @dataclass
 class Monitors:
-    """The three monitors of one fine-tuning, read every ``window`` steps."""
+    """The three monitors of one fine-tuning, read every ``window`` steps.
+
+    Steps count the optimizer steps done: a diagnosis "first fired at step 60" was raised
+    when the monitors were read after the 60th step, from the window of steps 41–60.
+    """
 
     window: int
     num_classes: int | None
@@ -419,6 +437,7 @@ class Monitors:
     first_fired: dict[str, dict[str, Any]] = field(default_factory=dict)
     windows_fired: dict[str, int] = field(default_factory=dict)
     windows: int = 0
+    last_read: int = 0
 
     def __post_init__(self) -> None:
         self.health = ek.EmbeddingHealthMonitor()
@@ -434,6 +453,7 @@ class Monitors:
         paired: Tensor,
         logits: Tensor | None,
     ) -> None:
+        """Feed the batch of optimizer step ``step`` (1-based); read the monitors every ``window`` steps."""
         self.health.update(embeddings, labels, paired_embeddings=paired)
         metrics = None
         if self.collapse is not None and logits is not None:
@@ -441,7 +461,12 @@ class Monitors:
             hits = int((logits.argmax(dim=1) == labels).sum())  # for loss_falling_at_chance
             metrics = {"batch_top1": Rate(hits, len(labels), 1 / self.num_classes)}  # type: ignore[operator]
         self.losses.update(step, loss_fn, metrics)
-        if (step + 1) % self.window == 0:
+        if step % self.window == 0:
+            self.read(step)
+
+    def finish(self, step: int) -> None:
+        """Read the last, partial window when it holds at least half a window of steps."""
+        if step - self.last_read >= max(1, self.window // 2):
             self.read(step)
 
     def read(self, step: int) -> None:
@@ -452,19 +477,25 @@ class Monitors:
             reports.append(("collapse", self.collapse.compute()))
             self.collapse.reset()
         self.health.reset()
+        fired = set()
         for monitor, report in reports:
             self.history.record(step, report, prefix=f"{monitor}/")
             for diagnosis in report.diagnoses:
-                self.windows_fired[diagnosis.code] = self.windows_fired.get(diagnosis.code, 0) + 1
-                if diagnosis.code not in self.first_fired:
-                    self.first_fired[diagnosis.code] = {
+                fired.add(diagnosis.code)
+                self.first_fired.setdefault(
+                    diagnosis.code,
+                    {
                         "monitor": monitor,
                         "severity": diagnosis.severity,
                         "step": step,
-                        "window": [step - self.window + 1, step],
+                        "window": [self.last_read + 1, step],
                         "message": diagnosis.message,
                         "suggestion": diagnosis.suggestion,
-                    }
+                    },
+                )
+        for code in fired:
+            self.windows_fired[code] = self.windows_fired.get(code, 0) + 1
+        self.last_read = step
 
     def diagnoses(self) -> list[dict[str, Any]]:
         return [
@@ -515,7 +546,7 @@ def finetune(
     if recipe.kind == "none":
         return model, {"training_seconds": 0.0, "validation": [], "selected_epoch": 0}, None
     torch.manual_seed(seed)
-    num_classes = data.train.num_identities
+    num_classes = len(data.train.identity_names)  # labels 0..C-1 of the fine-tuning identities
     head = None
     if recipe.kind == "arcface":
         head = ek.ArcFaceLoss(
@@ -537,16 +568,17 @@ def finetune(
     hr, lr_images = data.train.images.to(device), dsr_images["train"]
     labels = data.train.labels.to(device)
     g = torch.Generator().manual_seed(seed)
+    # Every recipe takes the same number of steps of batch_size DSR images per epoch.
+    steps_per_epoch = len(hr) // config.batch_size
     if recipe.kind == "supcon":
-        sampler = ek.PKSampler(data.train.labels, min(config.p, num_classes), config.k, seed=seed)
-        steps_per_epoch = len(sampler)
-    else:
-        steps_per_epoch = len(hr) // config.batch_size
+        p = min(config.batch_size // config.k, num_classes)
+        sampler = ek.PKSampler(data.train.labels, p, config.k, seed=seed)
 
     def epoch_batches(epoch: int) -> Iterator[Tensor]:
         if recipe.kind == "supcon":
             sampler.set_epoch(epoch)
-            return (torch.as_tensor(rows) for rows in sampler)
+            # A PK epoch covers every image and so holds more batches: stop at steps_per_epoch.
+            return (torch.as_tensor(rows) for rows in itertools.islice(sampler, steps_per_epoch))
         # Shuffled batches, as the case studies' DataLoader(shuffle=True).
         return batches(len(hr), config.batch_size, g)
 
@@ -574,10 +606,10 @@ def finetune(
                     loss = loss_fn(z, y, ref_embeddings=z_hr, ref_labels=y)
                 optimizer.zero_grad()
                 loss.backward()
-                optimizer.step()
-                with torch.no_grad():
+                with torch.no_grad():  # before the step: the head the loss used
                     logits = head.logits(z.detach()) if head is not None else None
-                    monitors.update(step, loss_fn, z.detach(), y, z_hr.detach(), logits)
+                    monitors.update(step + 1, loss_fn, z.detach(), y, z_hr.detach(), logits)
+                optimizer.step()
                 step += 1
                 bar.update()
                 bar.set_postfix_str(f"epoch {epoch} loss {loss.item():.3f}")
@@ -585,8 +617,7 @@ def finetune(
             validation.append({"epoch": epoch, "step": step, **scores})
             if best is None or scores[recipe.validated_on] > best[0]:
                 best = (scores[recipe.validated_on], epoch, copy.deepcopy(model.state_dict()))
-    if step % config.window:
-        monitors.read(step - 1)
+    monitors.finish(step)
     assert best is not None
     model.load_state_dict(best[2])
     return (
@@ -624,10 +655,11 @@ def evaluate(
     )
     identification, verification = reports["identification"], reports["verification"]
     genuine, impostor = verification.curves["genuine_scores"], verification.curves["impostor_scores"]
-    scores, matches = ek.knn(probes, gallery, k=5)
+    scores, matches = ek.knn(probes, gallery, k=min(5, len(gallery)))
     matches = matches.cpu().numpy()
     return {
-        "paired_similarity": float(cosine_rows(probes, probe_hr).mean()),
+        # With HR probes the "pair" is the probe itself: nothing to measure.
+        "paired_similarity": math.nan if hr_probes else float(cosine_rows(probes, probe_hr).mean()),
         "same_identity_similarity": float(np.mean(genuine)),
         "different_identity_similarity": float(np.mean(impostor)),
         "rank-1": identification.rate("rank-1"),
@@ -675,7 +707,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
                 f"{r['same_identity_similarity']:.3f}",
                 f"{r['different_identity_similarity']:.3f}",
                 str(r["rank-1"]),
-                f"{r['rank-5'].hits}/{r['rank-5'].total} = {r['rank-5'].value:.1%}",
+                str(r["rank-5"]),
                 _number(r["tar@far=0.001"]),
                 _number(r["eer"]),
                 fired or ("n/a" if r["monitors"] is None else "none"),

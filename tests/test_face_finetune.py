@@ -106,12 +106,20 @@ def test_report_has_every_promised_field(tiny_run) -> None:
             assert r["diagnoses"] is None and r["validation"] == []
             continue
         assert len(r["validation"]) == TINY.finetune_epochs
+        # Every recipe trains the same number of steps of batch_size images per epoch.
+        steps_per_epoch = counts["train_images"] // TINY.batch_size
+        assert [v["step"] for v in r["validation"]] == [
+            steps_per_epoch * (e + 1) for e in range(TINY.finetune_epochs)
+        ]
         assert 1 <= r["selected_epoch"] <= TINY.finetune_epochs
         selected = r["validation"][r["selected_epoch"] - 1][r["validated_on"]]
         assert selected == max(v[r["validated_on"]] for v in r["validation"])
         for d in r["diagnoses"]:
             assert d["code"] and d["severity"] in ("info", "warning", "error") and d["message"]
-            assert 0 <= d["step"] and 1 <= d["windows_fired"] <= d["windows"]
+            assert 1 <= d["step"] <= TINY.finetune_epochs * steps_per_epoch
+            assert 1 <= d["windows_fired"] <= d["windows"]
+            low, high = d["window"]
+            assert high == d["step"] and 1 <= low <= high and high - low < TINY.window
     assert report["dsr"]["psnr_dsr_db"] > 0 and report["pretrained_hr_probes"]["rank-1"]["total"] > 0
     assert report["command"].startswith("python")
 
@@ -158,6 +166,16 @@ def test_folder_of_pngs(tmp_path) -> None:
     assert report["data"]["counts"]["pretrain_identities"] == 10
     assert "folder" in report["data"]["source"]
     assert (out / "report.json").exists()
+
+
+def test_splits_do_not_leak() -> None:
+    data = ff.load_data(TINY, None, seed=0)
+    parts = [data.train, data.val_gallery, data.val_probe, data.test_gallery, data.test_probe]
+    ids = [i for part in parts for i in part.image_ids.tolist()]
+    assert len(ids) == len(set(ids)) == TINY.finetune_identities * TINY.images_per_identity
+    assert not set(data.pretrain.identity_names) & set(data.train.identity_names)
+    for part in parts[1:]:  # every held-out part covers every fine-tuning identity
+        assert set(part.identity_names) == set(data.train.identity_names)
 
 
 def test_folder_with_too_few_images(tmp_path) -> None:

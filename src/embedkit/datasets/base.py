@@ -43,7 +43,13 @@ class IdentityImages:
     identity_names: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.images, Tensor) or self.images.ndim != 4 or self.images.shape[1] != 3:
+        if not isinstance(self.images, Tensor) or not self.images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor; got {describe(self.images)}")
+        if not isinstance(self.image_ids, np.ndarray):
+            raise TypeError(f"image_ids must be a numpy array of str; got {describe(self.image_ids)}")
+        if not isinstance(self.identity_names, tuple):
+            raise TypeError(f"identity_names must be a tuple of str; got {describe(self.identity_names)}")
+        if self.images.ndim != 4 or self.images.shape[1] != 3:
             raise ValueError(
                 f"images must be a tensor of shape (n_images, 3, height, width); got {describe(self.images)}"
             )
@@ -56,6 +62,10 @@ class IdentityImages:
             raise ValueError(f"labels must be an int64 tensor of shape ({n},); got {describe(self.labels)}")
         if self.image_ids.shape != (n,):
             raise ValueError(f"image_ids must have shape ({n},); got {describe(self.image_ids)}")
+        if np.unique(self.image_ids).size != n:
+            raise ValueError(
+                "image_ids must be unique: they are what proves gallery and probe images disjoint"
+            )
         if n and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.identity_names)):
             raise ValueError(
                 f"labels must lie in [0, {len(self.identity_names)}) (one per identity name); got "
@@ -99,6 +109,10 @@ class IdentityImages:
         if rows.ndim != 1 or (rows.numel() and rows.dtype not in (torch.int32, torch.int64)):
             raise TypeError(f"index must be 1-D integers or a boolean mask; got {describe(index)}")
         rows = rows.long()
+        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < len(self)):
+            raise ValueError(
+                f"index must lie in [0, {len(self)}); got values in [{int(rows.min())}, {int(rows.max())}]"
+            )
         labels = self.labels[rows]
         names = self.identity_names
         if relabel:

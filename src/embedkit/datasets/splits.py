@@ -72,7 +72,7 @@ def split_identities(labels: Any, sizes: Sequence[int | None], *, seed: int = 0)
     if fixed > identities.size:
         raise ValueError(f"sizes ask for {fixed} identities but labels hold only {identities.size}")
     rest = identities.size - fixed
-    order = np.random.default_rng(check_int(seed, "seed")).permutation(identities.size)
+    order = np.random.default_rng(check_int(seed, "seed", low=0)).permutation(identities.size)
     part_of_identity = np.empty(identities.size, dtype=np.int64)
     start = 0
     for i, size in enumerate(parts):
@@ -101,7 +101,8 @@ def split_images(labels: Any, per_identity: Sequence[int | None], *, seed: int =
     -------
     tuple of ndarray of int64
         One array of row indices per part, sorted ascending. No row appears in two
-        parts; every part covers every identity.
+        parts; every fixed part holds exactly its count of every identity (the ``None``
+        part holds whatever is left, which may be nothing for an identity).
 
     Raises
     ------
@@ -122,7 +123,7 @@ def split_images(labels: Any, per_identity: Sequence[int | None], *, seed: int =
         )
     # Shuffle the rows, then group them by identity (stable): each row's position
     # within its identity is a random rank 0..count-1.
-    shuffled = np.random.default_rng(check_int(seed, "seed")).permutation(values.size)
+    shuffled = np.random.default_rng(check_int(seed, "seed", low=0)).permutation(values.size)
     grouped = shuffled[np.argsort(inverse[shuffled], kind="stable")]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.empty(values.size, dtype=np.int64)

@@ -85,6 +85,7 @@ class Nuisance:
         for name, value in vars(self).items():
             check_real(value, f"nuisance.{name}", low=0.0)
         check_real(self.occlusion, "nuisance.occlusion", low=0.0, high=1.0)
+        check_real(self.scale, "nuisance.scale", low=0.0, high=1.0, high_inclusive=False)
 
 
 def _grid(size: int) -> Tensor:
