@@ -544,7 +544,7 @@ def finetune(
     """Fine-tune a copy of the pretrained backbone with ``recipe``; return the validated checkpoint."""
     model = copy.deepcopy(pretrained)
     if recipe.kind == "none":
-        return model, {"training_seconds": 0.0, "validation": [], "selected_epoch": 0}, None
+        return model, {"training_seconds": 0.0, "validation": [], "selected_epoch": 0, "diverged": None}, None
     torch.manual_seed(seed)
     num_classes = len(data.train.identity_names)  # labels 0..C-1 of the fine-tuning identities
     head = None
@@ -584,6 +584,7 @@ def finetune(
 
     best: tuple[float, int, dict[str, Tensor]] | None = None
     validation = []
+    diverged: dict[str, Any] | None = None
     step = 0
     start = time.perf_counter()
     with progress(config.finetune_epochs * steps_per_epoch, f"fine-tuning {recipe.name}", show) as bar:
@@ -596,6 +597,9 @@ def finetune(
                 both = model(torch.cat([lr_images[rows], hr[rows]]))
                 z, z_hr = both[:b], both[b:]
                 y = labels[rows]
+                if not bool(torch.isfinite(both).all()):
+                    diverged = {"step": step + 1, "epoch": epoch, "reason": "non-finite embeddings"}
+                    break
                 if recipe.kind == "arcface":
                     loss = loss_fn(z, y)  # the case study: logits = arcface(sr_embeddings, labels)
                 elif recipe.kind == "paired":
@@ -604,6 +608,9 @@ def finetune(
                     )  # the pair is the only positive
                 else:
                     loss = loss_fn(z, y, ref_embeddings=z_hr, ref_labels=y)
+                if not bool(torch.isfinite(loss)):
+                    diverged = {"step": step + 1, "epoch": epoch, "reason": f"loss {loss.item()}"}
+                    break
                 optimizer.zero_grad()
                 loss.backward()
                 with torch.no_grad():  # before the step: the head the loss used
@@ -613,12 +620,17 @@ def finetune(
                 step += 1
                 bar.update()
                 bar.set_postfix_str(f"epoch {epoch} loss {loss.item():.3f}")
+            if diverged is not None:
+                # A diverged run is reported, not fatal: the last validated checkpoint is evaluated.
+                print(f"{recipe.name}: diverged at step {diverged['step']} ({diverged['reason']})")
+                break
             scores = validate(model, head, dsr_images["val_probe"], data, device)
             validation.append({"epoch": epoch, "step": step, **scores})
             if best is None or scores[recipe.validated_on] > best[0]:
                 best = (scores[recipe.validated_on], epoch, copy.deepcopy(model.state_dict()))
     monitors.finish(step)
-    assert best is not None
+    if best is None:  # diverged in the first epoch: nothing was validated but the starting weights
+        best = (math.nan, 0, pretrained.state_dict())
     model.load_state_dict(best[2])
     return (
         model,
@@ -626,6 +638,7 @@ def finetune(
             "training_seconds": time.perf_counter() - start,
             "validation": validation,
             "selected_epoch": best[1],
+            "diverged": diverged,
         },
         monitors,
     )
@@ -700,6 +713,8 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
         fired = ", ".join(
             f"{d['code']} ({d['step']})" for d in r["diagnoses"] or () if d["severity"] != "info"
         )
+        if r["diverged"] is not None:
+            fired = ", ".join(filter(None, [f"diverged ({r['diverged']['step']})", fired]))
         rows.append(
             [
                 name,
@@ -856,6 +871,14 @@ def markdown(report: dict[str, Any], table: str, written: list[str]) -> str:
             f"checkpoint of epoch {r['selected_epoch']}."
         )
         lines.append("")
+        if r["diverged"] is not None:
+            d = r["diverged"]
+            lines += [
+                f"**Diverged** at step {d['step']} (epoch {d['epoch']}: {d['reason']}); training "
+                f"stopped and the checkpoint of epoch {r['selected_epoch']} was evaluated "
+                "(0 = the pretrained weights).",
+                "",
+            ]
         if r["diagnoses"] is None:
             lines.append("No training, no monitors.")
         elif not r["diagnoses"]:
@@ -930,6 +953,7 @@ def run(
                 "description": r["description"],
                 "validated_on": r["validated_on"],
                 "selected_epoch": r["selected_epoch"],
+                "diverged": r["diverged"],
                 "training_seconds": r["training_seconds"],
                 "validation": r["validation"],
                 "diagnoses": r["diagnoses"],

@@ -100,6 +100,7 @@ def test_report_has_every_promised_field(tiny_run) -> None:
             assert rate["value"] == pytest.approx(rate["hits"] / rate["total"])
         assert r["rank-1"]["hits"] <= r["rank-5"]["hits"]
         assert math.isfinite(r["training_seconds"]) and r["training_seconds"] >= 0
+        assert r["diverged"] is None  # lr 3e-4 trains; divergence has its own test
         assert r["identification"]["counts"]["probes"] == counts["test_probe_images"]
         assert r["verification"]["counts"]["genuine_pairs"] == counts["test_probe_images"] * TINY.test_gallery
         if name == "pretrained":
@@ -186,3 +187,21 @@ def test_folder_with_too_few_images(tmp_path) -> None:
             image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / person / f"{i}.png")
     with pytest.raises(SystemExit, match="at least 2 identities"):
         ff.load_data(TINY, tmp_path, seed=0)
+
+
+def test_a_diverging_recipe_is_reported_not_fatal(tmp_path, monkeypatch) -> None:
+    # An infinite learning rate makes the weights non-finite after the first step, so every
+    # fine-tuned recipe diverges at step 2; the run must still finish and say so.
+    monkeypatch.setattr(
+        ff, "RECIPES", [r for r in ff.RECIPES if r.name in ("pretrained", "arcface-s32-m0.3")]
+    )
+    config = dataclasses.replace(TINY, lr=math.inf, finetune_epochs=1)
+    ff.run(config, data_dir=None, device=torch.device("cpu"), out=tmp_path, seed=0, show=False)
+    report = _strict_json(tmp_path / "report.json")
+    assert report["recipes"]["pretrained"]["diverged"] is None
+    arcface = report["recipes"]["arcface-s32-m0.3"]
+    assert arcface["diverged"] == {"step": 2, "epoch": 1, "reason": "non-finite embeddings"}
+    assert arcface["selected_epoch"] == 0  # nothing validated: the pretrained weights are evaluated
+    assert arcface["rank-1"]["value"] == report["recipes"]["pretrained"]["rank-1"]["value"]
+    markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "diverged (2)" in markdown and "**Diverged** at step 2" in markdown
