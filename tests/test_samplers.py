@@ -149,6 +149,32 @@ def test_labels_as_list_array_or_tensor_give_the_same_plan() -> None:
     assert all(plan == plans[0] for plan in plans)
 
 
+def test_names_and_their_integer_codes_give_the_same_plan() -> None:
+    labels = long_tailed()
+    names = np.array([f"person_{c:03d}" for c in labels])  # sorted like the codes
+    mixed = np.array([("id", int(c)) if c % 2 else int(c) for c in labels], dtype=object)
+    plan = as_list(PKSampler(labels, 5, 2, seed=0))
+    assert as_list(PKSampler(names, 5, 2, seed=0)) == plan
+    assert as_list(PKSampler(names.tolist(), 5, 2, seed=0)) == plan
+    mixed_sampler = PKSampler(mixed, 5, 2, seed=0)  # unorderable: codes by first appearance
+    check_batches(np.array(as_list(mixed_sampler)), labels, 5, 2)
+
+
+def test_string_labels_are_named_in_messages_and_dropped_classes() -> None:
+    labels = ["ann"] * 4 + ["bob"] * 4 + ["cy"] * 1
+    sampler = PKSampler(labels, 2, 2, small_classes="drop")
+    np.testing.assert_array_equal(sampler.dropped_classes, ["cy"])
+    with pytest.raises(ValueError, match=r"label cy \(1 sample\)"):
+        PKSampler(labels, 2, 2, small_classes="error")
+
+
+def test_a_state_does_not_load_into_a_sampler_of_other_names() -> None:
+    saved = PKSampler(["a", "a", "b", "b"], 2, 2).state_dict()
+    PKSampler(["a", "a", "b", "b"], 2, 2).load_state_dict(saved)
+    with pytest.raises(ValueError, match="same labels"):
+        PKSampler(["a", "a", "c", "c"], 2, 2).load_state_dict(saved)
+
+
 # -- small-class policy -----------------------------------------------------------
 def test_replace_tops_small_classes_up_with_their_own_samples() -> None:
     labels = np.array([0] * 8 + [1] * 8 + [2] * 2 + [3] * 1 + [4] * 6)
@@ -221,7 +247,8 @@ def test_bad_arguments_are_named(kwargs: dict, error: type[Exception], pattern: 
         (np.zeros((4, 2), dtype=np.int64), ValueError, r"labels must be 1-D.*\(4, 2\)"),
         (np.array([0.0, 1.0, 1.0]), TypeError, "labels must hold integers; got dtype float64"),
         (torch.tensor([0.0, 1.0]), TypeError, "labels must have an integer dtype"),
-        ("abc", TypeError, "labels must be a 1-D integer array"),
+        ("abc", TypeError, "labels must be a 1-D sequence of labels"),
+        (["a", 1.5], TypeError, r"labels\[1\] is float 1.5"),
         ([], ValueError, "labels is empty"),
         (np.array([True, False]), TypeError, "labels must hold integers"),
     ],

@@ -51,7 +51,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-from .._checks import as_label_array, check_choice, check_int
+from .._checks import check_choice, check_int
+from ..labels import encode_labels
 
 __all__ = ["PKSampler", "SmallClassPolicy"]
 
@@ -130,6 +131,13 @@ def _shuffle_within(class_key: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.argsort(key, kind="stable")
 
 
+def _label_bytes(names: np.ndarray) -> bytes:
+    """The distinct labels as bytes, for the checksum that ties a saved state to its labels."""
+    if names.dtype.kind in "iuUS":
+        return names.tobytes()
+    return repr(names.tolist()).encode()
+
+
 def _describe_small(values: np.ndarray, counts: np.ndarray, k: int) -> str:
     shown = ", ".join(
         f"label {v} ({c} sample{'s' if c != 1 else ''})" for v, c in zip(values[:8], counts[:8], strict=True)
@@ -150,7 +158,10 @@ class PKSampler(Sampler[list[int]]):
     Parameters
     ----------
     labels : list, ndarray or Tensor of shape (n_samples,)
-        Integer class label of every sample of the dataset, in dataset order.
+        Class label of every sample of the dataset, in dataset order: integers of any
+        dtype, strings (e.g. identity names) or other hashable ids (see
+        :func:`~embedkit.labels.encode_labels`). Names and their integer codes give the
+        same batches.
     p : int
         Number of distinct classes per batch (>= 1).
     k : int
@@ -173,7 +184,7 @@ class PKSampler(Sampler[list[int]]):
     Raises
     ------
     TypeError
-        If ``labels`` is not integer-valued, or ``p``, ``k``, ``seed``,
+        If ``labels`` holds floats, booleans or unhashable items, or ``p``, ``k``, ``seed``,
         ``num_replicas`` or ``rank`` is not an integer.
     ValueError
         If ``labels`` is not 1-D or is empty, ``p < 1``, ``k < 1``, ``p`` is larger than
@@ -207,14 +218,17 @@ class PKSampler(Sampler[list[int]]):
         rank: int | None = None,
     ) -> None:
         super().__init__()
-        label_array = np.ascontiguousarray(as_label_array(labels, "labels"))
+        # Any hashable labels, planned by their codes: the codes follow the sorted order of the
+        # labels, so names and their integer codes give the same batches.
+        codes, names = encode_labels(labels, "labels")
+        label_array = np.ascontiguousarray(codes)
         self._p = check_int(p, "p", low=1)
         self._k = check_int(k, "k", low=1)
         self._small_classes = check_choice(small_classes, "small_classes", _SMALL_CLASS_POLICIES)
         self._seed = check_int(seed, "seed", low=0)
         self._num_replicas, self._rank = _resolve_replicas(num_replicas, rank)
         self._num_samples = int(label_array.size)
-        self._crc32 = zlib.crc32(label_array.data)
+        self._crc32 = zlib.crc32(_label_bytes(names), zlib.crc32(label_array.data))
 
         # Group sample indices by class once; each epoch only reshuffles inside classes.
         order = np.argsort(label_array, kind="stable")
@@ -225,16 +239,17 @@ class PKSampler(Sampler[list[int]]):
         total_classes = int(classes.size)
 
         small = counts < self._k
-        self._dropped_classes = classes[:0]
+        self._dropped_classes = names[:0]
         if small.any():
             if self._small_classes == "error":
+                small_names = names[classes[small]]
                 raise ValueError(
-                    f"small_classes='error' but {_describe_small(classes[small], counts[small], self._k)}. "
+                    f"small_classes='error' but {_describe_small(small_names, counts[small], self._k)}. "
                     "Pass small_classes='replace' to top them up by sampling with replacement, or "
                     "small_classes='drop' to leave them out."
                 )
             if self._small_classes == "drop":
-                self._dropped_classes = classes[small]
+                self._dropped_classes = names[classes[small]]
                 order = order[np.repeat(~small, counts)]
                 counts = counts[~small]
                 classes = classes[~small]
