@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import embedkit as ek
-from embedkit.losses import tiled
+from embedkit import tiled
 from embedkit.similarity import BLOCK_BYTES, l2_normalize
 
 FAST = settings(max_examples=25, deadline=None)

@@ -9,8 +9,9 @@ the embeddings plus one block of ``rows × M`` scores (and its temporaries), wha
 
 The functions here take unit-norm embeddings (normalise with
 :func:`~embedkit.similarity.l2_normalize` first, so its gradient applies) and labels
-already mapped to class codes; :class:`~embedkit.losses.SupConLoss` and
-:class:`~embedkit.losses.NTXentLoss` call them above a size or when asked.
+already mapped to class codes. Like :mod:`embedkit.similarity`, this is shared math that
+the losses call (:class:`~embedkit.losses.SupConLoss`, :class:`~embedkit.losses.NTXentLoss`),
+not a loss itself.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..similarity import rows_per_block
+from .similarity import rows_per_block
 
 __all__ = ["class_codes", "pair_statistics", "tiled_ntxent", "tiled_supcon"]
 
