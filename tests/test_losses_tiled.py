@@ -27,7 +27,7 @@ def _both(kind: str, z, y, rz=None, ry=None):
     inputs = [z] if rz is None else [z, rz]
     dense = ek.SupConLoss(0.1) if kind == "supcon" else ek.NTXentLoss(0.07)
     a = dense(z, y) if rz is None else dense(z, y, ref_embeddings=rz, ref_labels=ry)
-    grads_a = torch.autograd.grad(a, inputs)
+    grads_a = torch.autograd.grad(a, inputs, allow_unused=True)
     q = l2_normalize(z)
     r = q if rz is None else l2_normalize(rz)
     codes_q, codes_r, classes = tiled.class_codes(y, y if ry is None else ry)
