@@ -296,10 +296,10 @@ def test_confidence_and_logit_moments_come_from_softmax_rows_spread_over_each_ba
     monitor = ClassCollapseMonitor(7, softmax_rows=rows)
     _feed(monitor, logits, torch.randint(0, 7, (n,), generator=gen), batch)
     sampled = []
-    for start in range(0, n, batch):  # rows spread evenly over each batch: every k-th
+    for start in range(0, n, batch):  # rows spread over the whole batch: every ceil(b / rows)-th
         chunk = logits[start : start + batch]
-        step = max(chunk.shape[0] // rows, 1)
-        sampled.append(chunk[::step][:rows])
+        step = -(-chunk.shape[0] // rows)
+        sampled.append(chunk[::step])
     sampled = torch.cat(sampled)
     report = monitor.compute()
     assert report.counts["softmax_samples"] == sampled.shape[0]
@@ -368,9 +368,12 @@ def test_compute_at_any_time_and_many_classes_give_the_same_counts() -> None:
             predicted, truth = logits[start : start + 5].argmax(dim=1), labels[start : start + 5]
             taken = torch.bincount(predicted[predicted != truth], minlength=num_classes)
             worst = int(taken.argmax())
-            absorbed += int(taken[worst])
-            others += int((truth != worst).sum())
-        assert a["batch_dominant_absorption"] == pytest.approx(absorbed / others)
+            if int((truth != worst).sum()) >= 20:  # only batches with 20 samples of other classes
+                absorbed += int(taken[worst])
+                others += int((truth != worst).sum())
+        expected = absorbed / others if others else math.nan
+        assert a["batch_dominant_absorption"] == pytest.approx(expected, nan_ok=True)
+        assert b["batch_dominant_absorption"] == pytest.approx(0.5, abs=0.2)  # one batch of 60
 
 
 def test_half_precision_logits_are_accepted() -> None:

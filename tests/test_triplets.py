@@ -166,6 +166,60 @@ def test_semi_hard_falls_back_to_the_farthest_negative_when_all_are_closer() -> 
         brute_semi_hard(embeddings, labels, result.indices, 0.2, "euclidean")
 
 
+def reference_semi_hard(
+    embeddings: torch.Tensor, labels: np.ndarray, pairs: np.ndarray, margin: float, metric: str, seed: int
+) -> np.ndarray:
+    """The negatives of the semi-hard rule as a plain loop, with the keys the fast code draws.
+
+    One uniform key per (pair, sample) entry, drawn row after row from a generator seeded
+    with ``seed``; the band member with the largest key wins (first on ties), else the
+    nearest negative farther than the positive, else the farthest negative.
+    """
+    distance = pairwise_distance(embeddings, metric=metric)  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.rand((pairs.shape[0], labels.size), generator=generator, dtype=distance.dtype)
+    chosen = []
+    for i, (a, p) in enumerate(pairs.tolist()):
+        d_ap = float(distance[a, p])
+        best, best_key = -1, -1.0
+        nearest, nearest_d = -1, float("inf")
+        farthest, farthest_d = -1, -float("inf")
+        for j in range(labels.size):
+            if labels[j] == labels[a]:
+                continue
+            d = float(distance[a, j])
+            if d_ap < d < d_ap + margin and float(keys[i, j]) > best_key:
+                best, best_key = j, float(keys[i, j])
+            if d > d_ap and d < nearest_d:
+                nearest, nearest_d = j, d
+            if d > farthest_d:
+                farthest, farthest_d = j, d
+        chosen.append(best if best >= 0 else nearest if nearest >= 0 else farthest)
+    return np.array(chosen)
+
+
+@pytest.mark.parametrize(
+    ("metric", "margin", "block"),
+    [("euclidean", 0.5, 1 << 22), ("euclidean", 0.5, 3 * 90), ("cosine", 0.05, 1), ("dot", 2.0, 17 * 90)],
+)
+def test_semi_hard_matches_a_plain_loop_exactly(
+    metric: str, margin: float, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The blocked, vectorised construction gives exactly the triplets of the definition
+    # written as a loop, whatever the block size (the keys do not depend on it).
+    generator = torch.Generator().manual_seed(1)
+    labels = np.random.default_rng(1).integers(0, 15, 90)
+    embeddings = torch.randn(labels.size, 6, generator=generator)
+    embeddings += 1.5 * torch.randn(15, 6, generator=generator)[torch.from_numpy(labels)]
+    monkeypatch.setattr(triplets_module, "_BLOCK_ELEMENTS", block)
+    result = build_triplets(
+        labels, negatives="semi_hard", embeddings=embeddings, margin=margin, metric=metric, seed=4
+    )
+    expected = reference_semi_hard(embeddings, labels, result.indices[:, :2], margin, metric, seed=4)
+    np.testing.assert_array_equal(result.indices[:, 2], expected)
+    assert 0 < result.num_semi_hard < result.num_triplets
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 9), min_size=2, max_size=30).filter(lambda s: max(s) >= 2),

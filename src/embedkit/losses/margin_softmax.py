@@ -18,6 +18,8 @@ effective inverse temperature of the softmax.
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +27,29 @@ from torch import Tensor, nn
 
 from .._checks import check_embeddings, check_int, check_real
 from ..similarity import pairwise_similarity
-from .base import ClassifierLoss
+from .base import ClassifierLoss, HyperChecks
 
 __all__ = ["ArcFaceLoss", "CosFaceLoss", "NormalizedSoftmaxLoss", "SubCenterArcFaceLoss"]
 
 
+def _check_angular_margin(margin: object) -> float:
+    value = check_real(margin, "margin")
+    if not 0.0 <= value < math.pi / 2:
+        raise ValueError(
+            f"margin is in radians and must lie in [0, pi/2); got {value:g}. "
+            "For a margin in degrees pass math.radians(margin)."
+        )
+    return value
+
+
 class _MarginSoftmaxLoss(ClassifierLoss):
     """Shared machinery: class centres, cosines, logits, cross-entropy and stats."""
+
+    hyper_parameters: ClassVar[HyperChecks] = {
+        "margin": partial(check_real, name="margin"),
+        "scale": partial(check_real, name="scale", low=0.0, low_inclusive=False),
+        "temperature": partial(check_real, name="temperature", low=0.0, low_inclusive=False),
+    }
 
     def __init__(
         self,
@@ -105,6 +123,10 @@ class _MarginSoftmaxLoss(ClassifierLoss):
             others = (cos.sum(dim=1) - target) / max(self.num_classes - 1, 1)
             stats: dict[str, Tensor | float] = {
                 "accuracy": (cos.argmax(dim=1) == labels).float().mean(),
+                # Counts and chance, so LossMonitor can compare the accuracy with chance.
+                "accuracy_hits": (cos.argmax(dim=1) == labels).sum(),
+                "accuracy_total": float(labels.shape[0]),
+                "accuracy_chance": 1.0 / self.num_classes,
                 "mean_target_cosine": target.mean(),
                 "mean_nontarget_cosine": others.mean(),
             }
@@ -237,6 +259,11 @@ class ArcFaceLoss(_MarginSoftmaxLoss):
     value and gradient. ``last_stats`` as for :class:`NormalizedSoftmaxLoss`.
     """
 
+    hyper_parameters: ClassVar[HyperChecks] = {
+        **_MarginSoftmaxLoss.hyper_parameters,
+        "margin": _check_angular_margin,
+    }
+
     def __init__(
         self,
         num_classes: int,
@@ -255,11 +282,6 @@ class ArcFaceLoss(_MarginSoftmaxLoss):
             temperature=temperature,
             sub_centers=sub_centers,
         )
-        if not 0.0 <= self.margin < math.pi / 2:
-            raise ValueError(
-                f"margin is in radians and must lie in [0, pi/2); got {self.margin:g}. "
-                "For a margin in degrees pass math.radians(margin)."
-            )
 
     def target_with_margin(self, target_cosine: Tensor) -> Tensor:
         m = self.margin

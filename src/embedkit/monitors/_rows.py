@@ -6,7 +6,7 @@ __all__ = ["spread_rows"]
 
 
 def spread_rows(num_rows: int, wanted: int | None) -> slice:
-    """``wanted`` rows spread evenly over a batch of ``num_rows`` (every k-th), or all rows.
+    """At most ``wanted`` rows spread over a whole batch of ``num_rows`` (every k-th), or all rows.
 
     Evenly spread rather than the first ones: P×K batches keep each identity's rows
     together, so the first rows would cover only the first few identities. A slice is a
@@ -14,5 +14,9 @@ def spread_rows(num_rows: int, wanted: int | None) -> slice:
     """
     if wanted is None or wanted >= num_rows:
         return slice(0, num_rows)
-    step = num_rows // wanted
-    return slice(0, step * wanted, step)
+    # The largest step that still reaches the end of the batch: with num_rows < 2 x wanted
+    # a step of num_rows // wanted = 1 would take the first rows only (at batch 80 and 64
+    # rows, never the last 2 of every 10 classes of a P x K batch). ceil(num_rows / wanted)
+    # spreads ceil-many fewer rows over the whole batch instead.
+    step = -(-num_rows // wanted)
+    return slice(0, num_rows, step)

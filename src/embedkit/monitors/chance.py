@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from scipy.stats import norm
-
 from .._checks import check_real
 from ..evaluation.report import Rate, format_percent
 
@@ -44,6 +42,9 @@ def wilson_interval(hits: int, total: int, *, confidence: float = 0.95) -> tuple
     )
     if total < 1 or not 0 <= hits <= total:
         raise ValueError(f"wilson_interval needs 0 <= hits <= total and total >= 1; got {hits}/{total}")
+    # Imported here: scipy.stats costs over a second at `import embedkit`.
+    from scipy.stats import norm
+
     z = float(norm.ppf(0.5 + confidence / 2))
     p = hits / total
     denominator = 1 + z * z / total

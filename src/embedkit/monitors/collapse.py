@@ -172,6 +172,13 @@ class ClassCollapseMonitor:
         self._fold_every = max(1, min(FOLD_EVERY, FOLD_CELLS // self.num_classes))
         self._reversed: Tensor | None = None  # C-1, ..., 1, 0, see _scan_rows
 
+    def __repr__(self) -> str:
+        seen = 0 if self._state is None else self._state.seen + 0
+        return (
+            f"ClassCollapseMonitor(num_classes={self.num_classes}, topk={self.topk}, "
+            f"confidence={self.confidence:g}, softmax_rows={self.softmax_rows}, seen={seen})"
+        )
+
     def reset(self) -> None:
         """Forget every batch seen so far."""
         self._state = None
@@ -271,7 +278,12 @@ class ClassCollapseMonitor:
             # (max and gather keep the indices on the device; indexing with them would sync.)
             absorbed, worst = per_batch[:, :, 1].max(dim=1)
             others = per_batch_labels.sum(dim=1) - per_batch_labels.gather(1, worst[:, None])[:, 0]
-            state.batch_absorption += torch.stack([absorbed.sum(), others.sum()])
+            # Only batches with MIN_OTHER_SAMPLES samples of other classes, as for the
+            # whole-run absorption: the most-absorbing class of a batch is picked after
+            # seeing it, so in a batch of 1-2 rows any wrong prediction reads as 100%
+            # absorption, even for a random head.
+            large = (others >= MIN_OTHER_SAMPLES).long()
+            state.batch_absorption += torch.stack([(absorbed * large).sum(), (others * large).sum()])
 
             # Confidence and logit moments of the sampled rows; a where, not a product with
             # the weights, because 0 * inf is NaN.
@@ -443,7 +455,7 @@ class ClassCollapseMonitor:
         )
         if collapse is not None:
             diagnoses.append(collapse)
-        diagnoses += self._chance(rates)
+        diagnoses += self._chance(rates, collapsed=collapse is not None)
         top1_high = wilson_interval(rates[self.topk[0]].hits, n, confidence=self.confidence)[1]
         if (
             self.topk[0] == 1
@@ -473,7 +485,15 @@ class ClassCollapseMonitor:
             "num_classes": c,
             "softmax_samples": sampled,
         }
-        return MonitorReport("class collapse", metrics, counts=counts, diagnoses=tuple(diagnoses))
+        notes = [
+            f"topk {k} is at least num_classes={c}: top-{k} accuracy is computed as top-{c}, always a hit "
+            "(chance 100%)"
+            for k in self.topk
+            if k >= c
+        ]
+        return MonitorReport(
+            "class collapse", metrics, counts=counts, notes=notes, diagnoses=tuple(diagnoses)
+        )
 
     def _class_collapse(
         self,
@@ -492,7 +512,8 @@ class ClassCollapseMonitor:
         c = self.num_classes
         absorption_threshold = 1 / c + ABSORPTION_FRACTION * (1 - 1 / c)
         absorbed = others >= MIN_OTHER_SAMPLES and absorption >= absorption_threshold
-        absorbed_in_batches = batch_others >= MIN_OTHER_SAMPLES and batch_absorption >= absorption_threshold
+        # batch_others only counts batches of at least MIN_OTHER_SAMPLES samples of other classes.
+        absorbed_in_batches = batch_others > 0 and batch_absorption >= absorption_threshold
         class_threshold = PREDICTED_CLASS_FRACTION * num_label_classes
         too_few = num_label_classes >= MIN_LABEL_CLASSES and num_predicted <= class_threshold
         if not (absorbed or absorbed_in_batches or too_few):
@@ -534,7 +555,7 @@ class ClassCollapseMonitor:
             "When fine-tuning with few images per identity, prefer a pair loss such as SupConLoss.",
         )
 
-    def _chance(self, rates: dict[int, Rate]) -> list[Diagnosis]:
+    def _chance(self, rates: dict[int, Rate], *, collapsed: bool = False) -> list[Diagnosis]:
         verdicts = {k: chance_verdict(rate, confidence=self.confidence) for k, rate in rates.items()}
         diagnoses = []
         at = [k for k, v in verdicts.items() if v == "at_chance"]
@@ -543,7 +564,13 @@ class ClassCollapseMonitor:
         evidence = {f"top{k}_accuracy": describe_rate(rates[k], confidence=self.confidence) for k in rates}
         if at:
             listed = "; ".join(f"top-{k} {describe_rate(rates[k], confidence=self.confidence)}" for k in at)
-            if above:
+            if above and collapsed:
+                # No "the model is learning" beside a class_collapse error.
+                message = (
+                    f"{listed}: consistent with chance, while top-{above[0]} is above chance (see "
+                    "class_collapse: the predictions themselves have collapsed)"
+                )
+            elif above:
                 message = (
                     f"{listed}: consistent with chance, while top-{above[0]} is above chance — the model is "
                     "learning, these accuracies are not informative yet"

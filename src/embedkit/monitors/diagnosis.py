@@ -36,6 +36,7 @@ CODES: tuple[str, ...] = (
     "overconfident",
     "complete_collapse",
     "dimensional_collapse",
+    "mean_offset",
     "no_separation",
     "paired_shortcut",
     "loss_at_margin",

@@ -66,7 +66,7 @@ from ._distributed import (
     sum_across,
 )
 from ._rows import spread_rows
-from .diagnosis import Diagnosis, non_finite
+from .diagnosis import Diagnosis, Severity, non_finite
 from .report import MonitorReport
 
 __all__ = ["EmbeddingHealthMonitor"]
@@ -80,16 +80,32 @@ FOLD_EVERY = 8
 RANK_EPS = 1e-7
 #: Total variance below this share of E‖z‖² is zero variance (float32 rounding level).
 ZERO_VARIANCE = 1e-10
-#: complete_collapse: mean pairwise cosine at or above this (unit-sphere distances ≤ 0.2).
-COLLAPSE_COSINE = 0.98
-#: dimensional_collapse: effective rank below this share of the reference dimension.
-RANK_FRACTION = 0.25
+#: complete_collapse: centred relative variance at or below this, when the identities do
+#: not separate: typical distances sqrt(2 x 1e-3) = 0.045 of the norm, under a quarter of a
+#: 0.2 triplet margin.
+COLLAPSE_VARIANCE = 1e-3
+#: mean_offset (info): mean pairwise cosine at or above this (unit-sphere distances <= 0.2)
+#: while the centred spread is not collapsed: a common offset dominates the scores.
+OFFSET_COSINE = 0.98
+#: Identities separate: same- vs different-label AUC above this. No error-severity
+#: diagnosis of the embedding's geometry fires on an embedding that separates this well.
+SEPARATED_AUC = 0.95
+#: dimensional_collapse: effective rank below this share of the reference dimension
+#: m = min(d, N - 1, C - 1). Null model: isotropic Gaussian data (or C random class means)
+#: in m dimensions have a RankMe effective rank of at least 0.80 m (0.80 at N = m + 1,
+#: 0.92 at N = 2m, 0.99 at N = 10m; measured for m = 9 to 512); the threshold is half of
+#: that worst case.
+RANK_FRACTION = 0.4
 #: A note is added when fewer than this many samples per dimension were seen.
 SAMPLES_PER_DIM = 10
 #: no_separation: AUC of positive vs negative similarities below this.
 SEPARATION_AUC = 0.6
 #: Pair statistics need at least this many pairs of each kind.
 MIN_PAIRS = 10
+#: paired_shortcut (error): the probes' same- vs different-identity AUC against the other
+#: rows' paired embeddings below this (halfway between no separation, 0.5, and perfect, 1)
+#: -- the identity does not explain the match -- besides the two gaps below.
+SHORTCUT_AUC = 0.75
 #: paired_shortcut: paired minus same-identity similarity at least this ...
 SHORTCUT_GAP = 0.2
 #: ... and at least this share of paired minus different-identity similarity.
@@ -219,6 +235,13 @@ class EmbeddingHealthMonitor:
         self._with_labels = False
         self._with_paired = False
         self._pending: list[_BatchFacts] = []
+
+    def __repr__(self) -> str:
+        seen = 0 if self._state is None else self._state.seen
+        return (
+            f"EmbeddingHealthMonitor(sample_size={self.sample_size}, covariance_rows={self.covariance_rows}, "
+            f"sync_on_compute={self.sync_on_compute}, seen={seen})"
+        )
 
     def reset(self) -> None:
         """Forget every batch seen so far."""
@@ -533,17 +556,26 @@ class EmbeddingHealthMonitor:
         counts.update(sample.counts)
         notes += sample.notes
 
-        collapse = _complete_collapse(metrics, n)
+        separated = _separated(metrics, sample.counts)
+        collapse = None
+        if n < 2:
+            # One embedding has no spread to judge: not a collapse.
+            notes.append("a single finite embedding: spread, rank and separation need at least two")
+        else:
+            collapse = _complete_collapse(metrics, n, separated)
         if collapse is not None:
             diagnoses.append(collapse)
-        else:
+        elif n >= 2:
+            offset = _mean_offset(metrics, n, separated)
+            if offset is not None:
+                diagnoses.append(offset)
             dimensional = _dimensional_collapse(metrics, nc, d, sample.num_label_classes, caution)
             if dimensional is not None:
                 diagnoses.append(dimensional)
-        separation = _no_separation(metrics, sample.counts)
+        separation = _no_separation(metrics, sample.counts, collapsed=collapse is not None)
         if separation is not None:
             diagnoses.append(separation)
-        shortcut = _paired_shortcut(metrics, sample.counts)
+        shortcut = _paired_shortcut(metrics, sample.counts, separated)
         if shortcut is not None:
             diagnoses.append(shortcut)
         return MonitorReport(
@@ -647,6 +679,13 @@ class EmbeddingHealthMonitor:
                 out.metrics["different_identity_similarity"] = float(
                     cross[different_identity].double().mean()
                 )
+            if out.counts["same_identity_pairs"] and out.counts["different_identity_pairs"]:
+                # Does the identity explain the match? Same- vs different-identity cross
+                # similarities, ranked like a verification score.
+                scores = torch.cat([cross[same_identity], cross[different_identity]]).double().cpu().numpy()
+                genuine = np.zeros(scores.size, dtype=bool)
+                genuine[: out.counts["same_identity_pairs"]] = True
+                out.metrics["cross_identity_auc"] = roc_auc(scores, genuine)
         return out
 
 
@@ -704,37 +743,51 @@ def _separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------- diagnoses
-def _complete_collapse(metrics: dict[str, float], n: int) -> Diagnosis | None:
-    zero_variance = metrics["relative_variance"] <= ZERO_VARIANCE
+def _separated(metrics: dict[str, float], counts: dict[str, int]) -> bool:
+    """True when enough labelled pairs show that same-label pairs rank above different-label ones."""
+    enough = counts.get("positive_pairs", 0) >= MIN_PAIRS and counts.get("negative_pairs", 0) >= MIN_PAIRS
+    return enough and metrics.get("auc", math.nan) > SEPARATED_AUC
+
+
+def _complete_collapse(metrics: dict[str, float], n: int, separated: bool) -> Diagnosis | None:
+    # Centred spread, not the uncentred cosine: a healthy embedding plus a common offset
+    # keeps its distances (and its ranking) and is no collapse (see _mean_offset).
+    variance = metrics["relative_variance"]
+    zero_variance = variance <= ZERO_VARIANCE
     # NaN (no batch of two rows) compares False.
     zero_within = metrics["within_batch_relative_variance"] <= ZERO_VARIANCE
-    cosine = metrics["mean_pairwise_cosine"]
-    if not (zero_variance or zero_within or (n > 1 and cosine >= COLLAPSE_COSINE)):
+    narrow = variance <= COLLAPSE_VARIANCE and not separated
+    if not (zero_variance or zero_within or narrow):
         return None
-    if zero_variance:
+    if zero_variance and metrics["max_norm"] == 0:
+        what = f"all {n} embeddings are zero vectors (zero norm, zero variance)"
+    elif zero_variance:
         what = f"all {n} embeddings are the same point (zero variance)"
     elif zero_within:
         what = (
             "within every batch all embeddings are the same point (zero within-batch variance); the point "
-            f"moves between batches (relative variance over all {n} embeddings "
-            f"{metrics['relative_variance']:.2e})"
+            f"moves between batches (relative variance over all {n} embeddings {variance:.2e})"
         )
     else:
-        distance = math.sqrt(max(2 - 2 * cosine, 0.0))
+        distance = math.sqrt(2 * variance)
         what = (
-            f"the {n} embeddings have collapsed to one direction: mean pairwise cosine {cosine:.4f} "
-            f"(typical unit-sphere distance {distance:.3f}, below a triplet margin of 0.2)"
+            f"the {n} embeddings have collapsed to nearly one point: centred relative variance "
+            f"{variance:.2e} "
+            f"(typical distance {distance:.3f} of the norm, below a quarter of a 0.2 triplet margin)"
         )
+        if "auc" in metrics:
+            what += f", and same-label pairs do not separate (AUC {metrics['auc']:.3f})"
     return Diagnosis(
         "complete_collapse",
         "error",
         what,
         evidence={
-            "mean_pairwise_cosine": cosine,
-            "cosine_threshold": COLLAPSE_COSINE,
-            "relative_variance": metrics["relative_variance"],
+            "relative_variance": variance,
+            "collapse_variance_threshold": COLLAPSE_VARIANCE,
             "within_batch_relative_variance": metrics["within_batch_relative_variance"],
             "zero_variance_threshold": ZERO_VARIANCE,
+            "auc": metrics.get("auc", math.nan),
+            "mean_pairwise_cosine": metrics["mean_pairwise_cosine"],
             "effective_rank": metrics["effective_rank"],
             "normalized_std": metrics.get("normalized_std", math.nan),
             "mean_norm": metrics["mean_norm"],
@@ -744,6 +797,35 @@ def _complete_collapse(metrics: dict[str, float], n: int) -> Diagnosis | None:
         "inputs normalised) and that the loss sees informative pairs: with a triplet loss use "
         "batch-hard or semi-hard mining on P x K batches; lower the learning rate if it collapsed after "
         "a spike.",
+    )
+
+
+def _mean_offset(metrics: dict[str, float], n: int, separated: bool) -> Diagnosis | None:
+    """Info: a common offset dominates the (uncentred) cosines, the centred spread is not collapsed."""
+    cosine = metrics["mean_pairwise_cosine"]
+    variance = metrics["relative_variance"]
+    if not (cosine >= OFFSET_COSINE or variance <= COLLAPSE_VARIANCE):
+        return None
+    ranking = (
+        f"same-label pairs still rank above different-label pairs (AUC {metrics['auc']:.3f})"
+        if separated
+        else "the spread around the offset is what carries the identity"
+    )
+    return Diagnosis(
+        "mean_offset",
+        "info",
+        f"the embeddings share a common offset: mean pairwise cosine {cosine:.4f}, centred relative "
+        f"variance {variance:.3g} ({1 - variance:.1%} of E|z|^2 is the mean); {ranking}. Cosine scores "
+        "sit in a narrow band and a fixed distance margin sees small distances.",
+        evidence={
+            "mean_pairwise_cosine": cosine,
+            "cosine_threshold": OFFSET_COSINE,
+            "relative_variance": variance,
+            "auc": metrics.get("auc", math.nan),
+            "samples": n,
+        },
+        suggestion="Usually harmless for ranking; to use the whole sphere, centre the embeddings (subtract a "
+        "running mean or add BatchNorm before the embedding) or use a scale-free loss (SupConLoss).",
     )
 
 
@@ -783,7 +865,9 @@ def _dimensional_collapse(
     )
 
 
-def _no_separation(metrics: dict[str, float], counts: dict[str, int]) -> Diagnosis | None:
+def _no_separation(
+    metrics: dict[str, float], counts: dict[str, int], *, collapsed: bool = False
+) -> Diagnosis | None:
     if "auc" not in metrics:
         return None
     if counts.get("positive_pairs", 0) < MIN_PAIRS or counts.get("negative_pairs", 0) < MIN_PAIRS:
@@ -791,12 +875,22 @@ def _no_separation(metrics: dict[str, float], counts: dict[str, int]) -> Diagnos
     auc = metrics["auc"]
     if not auc < SEPARATION_AUC:
         return None
+    if collapsed:
+        # Point to the cause instead of repeating it.
+        message = (
+            f"same-label pairs do not separate (AUC {auc:.3f}) because the embeddings have collapsed: "
+            "see complete_collapse"
+        )
+    else:
+        message = (
+            f"same-label pairs are barely more similar than different-label pairs: AUC {auc:.3f} "
+            f"(0.5 = no separation), mean similarity {metrics['mean_positive_similarity']:.3f} vs "
+            f"{metrics['mean_negative_similarity']:.3f}"
+        )
     return Diagnosis(
         "no_separation",
         "warning",
-        f"same-label pairs are barely more similar than different-label pairs: AUC {auc:.3f} "
-        f"(0.5 = no separation), mean similarity {metrics['mean_positive_similarity']:.3f} vs "
-        f"{metrics['mean_negative_similarity']:.3f}",
+        message,
         evidence={
             "auc": auc,
             "auc_threshold": SEPARATION_AUC,
@@ -812,7 +906,7 @@ def _no_separation(metrics: dict[str, float], counts: dict[str, int]) -> Diagnos
     )
 
 
-def _paired_shortcut(metrics: dict[str, float], counts: dict[str, int]) -> Diagnosis | None:
+def _paired_shortcut(metrics: dict[str, float], counts: dict[str, int], separated: bool) -> Diagnosis | None:
     keys = ("paired_similarity", "same_identity_similarity", "different_identity_similarity")
     if any(key not in metrics for key in keys):
         return None
@@ -826,12 +920,33 @@ def _paired_shortcut(metrics: dict[str, float], counts: dict[str, int]) -> Diagn
     margin = paired - different
     if not (gap >= SHORTCUT_GAP and gap >= SHORTCUT_SHARE * margin):
         return None
+    cross_auc = metrics.get("cross_identity_auc", math.nan)
+    # An error only when the identity does not explain the match: the same-identity cross
+    # similarities barely rank above the different-identity ones. Otherwise the pairing
+    # overstates a working embedding, which is worth a note, not an alarm.
+    shortcut = not separated and not cross_auc >= SHORTCUT_AUC
+    severity: Severity
+    if shortcut:
+        severity, message = (
+            "error",
+            f"paired similarity {paired:.4f} but only {same:.4f} with other images of the same identity "
+            f"(and {different:.4f} with other identities; same- vs different-identity AUC {cross_auc:.3f}): "
+            "the pairing, not the identity, is what matches",
+        )
+    else:
+        severity, message = (
+            "info",
+            f"paired similarity {paired:.4f} overstates the match of other images of the same identity "
+            f"({same:.4f}); the identities still separate (same- vs different-identity AUC "
+            f"{cross_auc:.3f}), so report gallery-probe retrieval rather than the paired similarity",
+        )
     return Diagnosis(
         "paired_shortcut",
-        "error",
-        f"paired similarity {paired:.4f} but only {same:.4f} with other images of the same identity "
-        f"(and {different:.4f} with other identities): the pairing, not the identity, is what matches",
+        severity,
+        message,
         evidence={
+            "cross_identity_auc": cross_auc,
+            "cross_auc_threshold": SHORTCUT_AUC,
             "paired_similarity": paired,
             "same_identity_similarity": same,
             "different_identity_similarity": different,

@@ -9,6 +9,7 @@ found. It renders to text (``str(report)``), markdown and JSON.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,9 +64,9 @@ class MonitorReport(Report):
         """True when no diagnosis of severity ``"warning"`` or ``"error"`` fired."""
         return all(d.severity == "info" for d in self.diagnoses)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Statistics, counts, notes and diagnoses as JSON-ready Python values."""
-        return {**super().to_dict(), "diagnoses": [d.to_dict() for d in self.diagnoses]}
+    def to_dict(self, *, curves: bool | Collection[str] = False) -> dict[str, Any]:
+        """Statistics, counts, notes (curves when asked for) and diagnoses as JSON-ready values."""
+        return {**super().to_dict(curves=curves), "diagnoses": [d.to_dict() for d in self.diagnoses]}
 
     def to_markdown(self) -> str:
         """The statistics table, then one block per diagnosis (or "no problem found")."""

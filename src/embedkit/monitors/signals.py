@@ -93,8 +93,17 @@ class LossMonitor:
             confidence, "confidence", low=0.0, high=1.0, low_inclusive=False, high_inclusive=False
         )
         self.history = TrainingHistory()
-        self._margins: dict[str, float] = {}
+        # stats prefix -> (collapsed value, key of the active fraction, how it was derived)
+        self._margins: dict[str, tuple[float, str, str]] = {}
         self._names: dict[str, str] = {}  # stats prefix -> loss class name, for messages
+
+    def __repr__(self) -> str:
+        return (
+            f"LossMonitor(window={self.window}, margin={self.margin}, "
+            f"margin_tolerance={self.margin_tolerance:g}, "
+            f"active_fraction={self.active_fraction:g}, min_decrease={self.min_decrease:g}, "
+            f"steps={len(self.history)})"
+        )
 
     def reset(self) -> None:
         """Forget the recorded steps."""
@@ -146,7 +155,9 @@ class LossMonitor:
         if self.margin is not None:
             for key in values:
                 if key.endswith(_ACTIVE):
-                    self._margins.setdefault(key[: -len(_ACTIVE)], self.margin)
+                    self._margins.setdefault(
+                        key[: -len(_ACTIVE)], (self.margin, _ACTIVE, f"the margin {self.margin:g}")
+                    )
         self.history.record(step, values)
         if metrics is not None:
             if not isinstance(metrics, Mapping):
@@ -199,8 +210,8 @@ class LossMonitor:
             diagnosis = self._pair_signals(prefix)
             if diagnosis is not None:
                 diagnoses.append(diagnosis)
-        for prefix, margin in self._margins.items():
-            diagnosis = self._at_margin(prefix, margin)
+        for prefix, collapsed in self._margins.items():
+            diagnosis = self._at_margin(prefix, *collapsed)
             if diagnosis is not None:
                 diagnoses.append(diagnosis)
         falling = self._falling_at_chance(first, second, change)
@@ -259,9 +270,10 @@ class LossMonitor:
             "triplet is satisfied use harder mining (batch_hard, semi_hard) or a larger margin.",
         )
 
-    def _at_margin(self, prefix: str, margin: float) -> Diagnosis | None:
+    def _at_margin(self, prefix: str, margin: float, active_key: str, derived: str) -> Diagnosis | None:
+        """The loss flat at the value a collapsed embedding gives (``margin``), nearly all terms active."""
         values = self._window(f"{prefix}loss")
-        active = self._window(f"{prefix}{_ACTIVE}")
+        active = self._window(f"{prefix}{active_key}")
         if values is None or active is None or margin <= 0:
             return None
         deviation = float(np.abs(values - margin).max())
@@ -272,15 +284,16 @@ class LossMonitor:
         return Diagnosis(
             "loss_at_margin",
             "error",
-            f"{name} has stayed at its margin {margin:g} for {self.window} steps (within {deviation:.3g}) "
-            f"with {mean_active:.0%} of triplets active: d(anchor, positive) = d(anchor, negative) for "
-            "nearly every triplet, the embeddings have collapsed",
+            f"{name} has stayed at {margin:.4g} = {derived}, its value when every embedding is the same "
+            f"point, for {self.window} steps (within {deviation:.3g}) with {mean_active:.0%} of its "
+            f"terms active ({active_key}): the embeddings have collapsed",
             evidence={
                 "loss": name,
                 "margin": margin,
-                "max_deviation_from_margin": deviation,
+                "collapsed_value_is": derived,
+                "max_deviation": deviation,
                 "tolerance": self.margin_tolerance * margin,
-                "mean_active_triplet_fraction": mean_active,
+                f"mean_{active_key}": mean_active,
                 "active_fraction_threshold": self.active_fraction,
                 "window": self.window,
             },
@@ -289,10 +302,45 @@ class LossMonitor:
             "block), normalise the inputs, lower the learning rate, and mine semi-hard triplets.",
         )
 
+    def _window_rates(self) -> dict[str, Rate]:
+        """Accuracies recorded as counts (``<prefix>accuracy_hits`` / ``_total`` / ``_chance``, as the
+        margin-softmax losses do), pooled over the second half of the window."""
+        rates = {}
+        half = self.window // 2
+        for key in self.history.keys:
+            if not key.endswith("accuracy_hits") or key.startswith("metric/"):
+                continue
+            stem = key[: -len("_hits")]
+            if f"{stem}_total" not in self.history.keys or f"{stem}_chance" not in self.history.keys:
+                continue
+            _, hits = self.history.series(key, last=half)
+            _, totals = self.history.series(f"{stem}_total", last=half)
+            chance = self.history.latest(f"{stem}_chance")
+            if hits.size == totals.size and totals.sum() > 0 and isinstance(chance, float):
+                rates[stem] = Rate(int(hits.sum()), int(totals.sum()), chance=chance)
+        return rates
+
     def _falling_at_chance(self, first: float, second: float, change: float) -> Diagnosis | None:
         if not (math.isfinite(change) and change <= -self.min_decrease):
             return None
         stuck: dict[str, str] = {}
+        # Accuracies a loss records as counts, pooled over the window's second half.
+        # Each is judged against its own term's loss when the loss is a sum: the total can
+        # fall because another term learns.
+        for key, rate in self._window_rates().items():
+            term_loss = self._window(f"{key[: -len('accuracy')]}loss")
+            if term_loss is not None:
+                half = self.window // 2
+                first_half, second_half = term_loss[:half], term_loss[-half:]
+                before, after = float(first_half.mean()), float(second_half.mean())
+                # A fall beyond the step-to-step noise (two standard errors of the difference
+                # of the half means): an untrained head's loss fluctuates by several percent.
+                noise = 2 * math.sqrt((first_half.var() + second_half.var()) / half)
+                falling = before != 0 and (after - before) / abs(before) <= -self.min_decrease
+                if not (falling and before - after > noise):
+                    continue
+            if chance_verdict(rate, confidence=self.confidence) in ("at_chance", "below_chance"):
+                stuck[key] = describe_rate(rate, confidence=self.confidence)
         for key in self.history.keys:
             latest = self.history.latest(key)
             if isinstance(latest, Rate) and latest.chance is not None and latest.total > 0:
@@ -319,19 +367,32 @@ class LossMonitor:
         )
 
 
-def _margins_of(loss: Loss) -> dict[str, float]:
-    """The margins of the triplet-style terms of a loss, keyed by their stats prefix."""
+def _margins_of(loss: Loss) -> dict[str, tuple[float, str, str]]:
+    """The loss value of a collapsed embedding for each term that has one, keyed by stats prefix.
+
+    When every embedding is the same point all distances are 0, so a hinge triplet term
+    [d_ap - d_an + m]_+ is m, a soft-margin one softplus(m) = log(1 + e^m), and a
+    contrastive term [m_neg - d]_+ over the (all active) negative pairs is m_neg.
+    """
     terms = (
         [(f"{i}.{type(term).__name__}.", term) for i, (_, term) in enumerate(loss.terms)]
         if isinstance(loss, LossSum)
         else [("", loss)]
     )
-    margins = {}
+    values = {}
     for prefix, term in terms:
+        stats = term.last_record[1]
         margin = getattr(term, "margin", None)
-        if _ACTIVE in term.last_record[1] and isinstance(margin, float) and margin > 0:
-            margins[prefix] = margin
-    return margins
+        neg_margin = getattr(term, "neg_margin", None)
+        if _ACTIVE in stats and isinstance(margin, float):
+            if getattr(term, "soft_margin", False):
+                values[prefix] = (math.log1p(math.exp(margin)), _ACTIVE, f"softplus({margin:g})")
+            elif margin > 0:
+                values[prefix] = (margin, _ACTIVE, f"the margin {margin:g}")
+        elif "active_negative_fraction" in stats and isinstance(neg_margin, float) and neg_margin > 0:
+            if getattr(term, "pos_margin", 0.0) >= 0:
+                values[prefix] = (neg_margin, "active_negative_fraction", f"neg_margin {neg_margin:g}")
+    return values
 
 
 def _loss_name(prefix: str, names: dict[str, str]) -> str:

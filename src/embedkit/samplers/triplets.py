@@ -23,6 +23,7 @@ stays bounded whatever the dataset size).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -243,32 +244,71 @@ def _semi_hard(
     metric: Metric,
     seed: int,
 ) -> tuple[np.ndarray, int]:
-    """One semi-hard negative per (anchor, positive), in row blocks of bounded size."""
+    """One semi-hard negative per (anchor, positive), in row blocks of bounded size.
+
+    For anchor ``a`` with positive ``p`` and the distances ``D[a, :]``:
+
+    * band = negatives with ``D[a, p] < D[a, n] < D[a, p] + margin``: the band member
+      with the largest random key (one key per (anchor, sample) entry, drawn row after
+      row from a generator seeded with ``seed``, so the choice does not depend on the
+      block size);
+    * else the nearest negative farther than the positive (first index on ties);
+    * else the farthest negative (first index on ties).
+
+    Each block makes about six passes over its (rows, n) distances besides computing
+    them and drawing the keys. Same-class entries are set to NaN by a scatter over
+    the anchors' class members (a few per row), so the band and "farther" comparisons
+    exclude them without a label comparison over the whole block, and the two
+    fallbacks are computed only on the rows whose band is empty.
+    """
     device = embeddings.device
     n = embeddings.shape[0]
-    labels = torch.from_numpy(class_index).to(device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    # Blocks of about _BLOCK_ELEMENTS entries: large enough that per-call overhead is
+    # small, small enough that the temporaries are reused from the allocator's cache.
     block = max(1, _BLOCK_ELEMENTS // n)
     chosen = np.empty(anchors.size, dtype=np.int64)
     num_semi_hard = 0
+    # Every class's members, as slices of `members` (start, count per class).
+    members = np.argsort(class_index, kind="stable")
+    counts = np.bincount(class_index)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     with torch.no_grad():
         for begin in range(0, anchors.size, block):
-            a = torch.from_numpy(anchors[begin : begin + block]).to(device)
+            a_np = anchors[begin : begin + block]
+            rows = a_np.size
+            a = torch.from_numpy(a_np).to(device)
             pos = torch.from_numpy(positives[begin : begin + block]).to(device)
             distance = pairwise_distance(embeddings[a], embeddings, metric=metric)
             d_ap = distance.gather(1, pos[:, None])
-            negative = labels[None, :] != labels[a][:, None]
-            farther = negative & (distance > d_ap)
-            band = farther & (distance < d_ap + margin)
-            # A random member of the band: the largest random key among band entries.
             keys = torch.rand(distance.shape, generator=generator, device=device, dtype=distance.dtype)
+            # Same-class entries (the anchor, its positive, the rest of its class) -> NaN:
+            # every comparison with NaN is False, so none of them is ever "farther" or in the band.
+            anchor_class = class_index[a_np]
+            sizes = counts[anchor_class]
+            row_of = np.repeat(np.arange(rows), sizes)
+            offset = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            column_of = members[np.repeat(starts[anchor_class], sizes) + offset]
+            distance[torch.from_numpy(row_of).to(device), torch.from_numpy(column_of).to(device)] = math.nan
+            band = distance > d_ap
+            band &= distance < d_ap + margin
             in_band = band.any(dim=1)
-            pick = torch.where(band, keys, torch.full_like(keys, -1.0)).argmax(dim=1)
-            inf = torch.full_like(distance, float("inf"))
-            nearest_farther = torch.where(farther, distance, inf).argmin(dim=1)
-            farthest = torch.where(negative, distance, -inf).argmax(dim=1)
-            fallback = torch.where(farther.any(dim=1), nearest_farther, farthest)
-            result = torch.where(in_band, pick, fallback)
-            chosen[begin : begin + a.shape[0]] = result.cpu().numpy()
+            # A random member of the band: the largest key among band entries.
+            pick = keys.masked_fill_(band.logical_not_(), -1.0).argmax(dim=1)
+            empty = torch.nonzero(~in_band).flatten()
+            if empty.numel():
+                pick[empty] = _semi_hard_fallback(distance[empty], d_ap[empty])
+            chosen[begin : begin + rows] = pick.cpu().numpy()
             num_semi_hard += int(in_band.sum())
     return chosen, num_semi_hard
+
+
+def _semi_hard_fallback(distance: Tensor, d_ap: Tensor) -> Tensor:
+    """Nearest negative farther than the positive, else the farthest negative.
+
+    ``distance`` (rows, n) holds NaN at same-class entries; ``d_ap`` is (rows, 1).
+    """
+    farther = distance > d_ap
+    nearest_farther = distance.masked_fill(~farther, math.inf).argmin(dim=1)
+    farthest = distance.nan_to_num(nan=-math.inf).argmax(dim=1)
+    return torch.where(farther.any(dim=1), nearest_farther, farthest)
