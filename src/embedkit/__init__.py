@@ -12,6 +12,8 @@ The public face of the package. Sub-packages:
   monitors that name failures while training runs.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from . import evaluation, losses, mining, monitors, samplers, similarity
 from .evaluation import Gallery, Rate, Report, knn, retrieval_metrics, verification_metrics
 from .losses import (
@@ -40,7 +42,11 @@ from .monitors import (
 from .samplers import PKSampler, TripletSet, build_triplets, count_triplets
 from .similarity import pairwise_distance, pairwise_similarity
 
-__version__ = "0.1.0.dev0"
+try:
+    # The one version source is pyproject.toml, read back from the installed metadata.
+    __version__ = version("embedkit")
+except PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 
 __all__ = [
     "ArcFaceLoss",

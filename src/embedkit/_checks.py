@@ -282,7 +282,8 @@ def as_label_array(labels: Any, name: str = "labels", *, allow_empty: bool = Fal
             f"{name} must hold integers; got dtype {array.dtype}. Floating labels are not "
             "rounded: identity ids above 2**24 would collide."
         )
-    if array.dtype == np.uint64 and array.max() > np.iinfo(np.int64).max:
+    # int(): numpy < 2 compares uint64 with a Python int in float64, where 2**63 == 2**63 - 1.
+    if array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
         raise ValueError(f"{name} holds values above 2**63 - 1; expected labels that fit in int64")
     return array.astype(np.int64, copy=False)
 

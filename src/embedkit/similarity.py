@@ -61,9 +61,25 @@ def working_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _full_precision(device: torch.device) -> AbstractContextManager[object]:
     """Switch autocast off so matmuls run in the working dtype, not in half precision."""
-    if torch.is_autocast_enabled(device.type):
+    if _autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, enabled=False)
     return nullcontext()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``, on every supported torch (>= 2.1).
+
+    ``torch.is_autocast_enabled`` takes a device type only from torch 2.4; before, it
+    answered for CUDA alone and the CPU had ``is_autocast_cpu_enabled``.
+    """
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        if device_type == "cuda":
+            return bool(torch.is_autocast_enabled())
+        return False
 
 
 def _prepare(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, bool]:
@@ -110,7 +126,9 @@ def _power_of_two_scale(x: Tensor, dim: int | None = None) -> Tensor:
     with torch.no_grad():
         peak = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
         _, exponent = torch.frexp(peak)
-        return torch.ldexp(torch.ones_like(peak), exponent)
+        # A float exponent: torch < 2.4 computes ldexp as x * 2**e in the exponent's integer
+        # dtype, where every negative power of two is 0 (then 0/0 for tiny rows).
+        return torch.ldexp(torch.ones_like(peak, dtype=torch.float64), exponent.double()).to(peak.dtype)
 
 
 def pairwise_similarity(x: Tensor, y: Tensor | None = None, *, metric: Metric = "cosine") -> Tensor:

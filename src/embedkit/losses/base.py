@@ -13,13 +13,28 @@ training step that never reads them never waits for the GPU.
 Losses add and scale like tensors: ``ArcFaceLoss(...) + 0.5 * SupConLoss(...)`` is
 a :class:`LossSum`, itself a loss, whose parameters (class centres, proxies) are
 registered with it so ``optimizer(loss.parameters())`` and ``loss.to(device)`` work.
+A weight may be a 0-d tensor, read at each call, so a schedule can update it in place::
+
+    weight = torch.tensor(0.0)
+    loss = ArcFaceLoss(...) + weight * SupConLoss(...)
+    ...
+    weight.fill_(min(1.0, epoch / 10))  # the next call uses the new weight
+
+Hyper-parameters (``margin``, ``scale``, ``temperature``, ...) are checked whenever they
+are assigned, not only by the constructor: ``arcface.margin = 2.0`` raises as
+``ArcFaceLoss(..., margin=2.0)`` does. They are saved in ``state_dict`` (with a sum's
+weights), and loading a checkpoint into a loss built with other values raises a
+``ValueError`` naming them rather than silently mixing settings.
+
+pytorch-metric-learning's ``ref_emb=`` is answered by a ``TypeError`` that names
+embedkit's ``ref_embeddings=``.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +49,10 @@ from .._checks import (
 from ..mining import pair_masks
 from ..similarity import working_dtype
 
-__all__ = ["ClassifierLoss", "Loss", "LossSum", "PairBatch", "PairLoss"]
+__all__ = ["ClassifierLoss", "HyperChecks", "Loss", "LossSum", "PairBatch", "PairLoss"]
+
+#: Hyper-parameter name -> a check that returns the checked value or raises.
+HyperChecks = Mapping[str, Callable[[Any], Any]]
 
 
 class Loss(nn.Module):
@@ -45,11 +63,43 @@ class Loss(nn.Module):
     """
 
     accepts_reference: bool = False
+    #: Hyper-parameter name -> check returning the checked value. Run on every assignment,
+    #: in the constructor and after it (``arcface.margin = 2.0`` raises as the constructor
+    #: does), and saved in ``state_dict`` so a checkpoint cannot load into other settings.
+    hyper_parameters: ClassVar[HyperChecks] = {}
 
     def __init__(self) -> None:
         super().__init__()
         self._last_value: Tensor | None = None
         self._last_stats: dict[str, Tensor | float] = {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = type(self).hyper_parameters.get(name)
+        if check is not None:
+            value = check(value)
+        super().__setattr__(name, value)
+
+    # -- checkpoints -------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        """The hyper-parameters, stored in ``state_dict`` under ``_extra_state``."""
+        return {name: getattr(self, name) for name in type(self).hyper_parameters}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Refuse a checkpoint saved with other hyper-parameters instead of loading it silently."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"{type(self).__name__}: extra state must be a mapping; got {type(state).__name__}"
+            )
+        mismatched = [
+            f"{name}={state[name]!r} in the checkpoint, {getattr(self, name)!r} here"
+            for name in type(self).hyper_parameters
+            if name in state and state[name] != getattr(self, name)
+        ]
+        if mismatched:
+            raise ValueError(
+                f"cannot load a {type(self).__name__} state saved with other hyper-parameters: "
+                + "; ".join(mismatched)
+            )
 
     # -- recording -------------------------------------------------------------
     def _record(self, value: Tensor, stats: Mapping[str, Tensor | float]) -> Tensor:
@@ -89,6 +139,10 @@ class Loss(nn.Module):
         return NotImplemented
 
     def __mul__(self, weight: object) -> LossSum:
+        if isinstance(weight, Tensor):
+            # A 0-d tensor weight is kept as the same object: a schedule that updates it in
+            # place (``w.fill_(0.1 * epoch)``) is seen by the sum on its next call.
+            return LossSum([(_check_tensor_weight(weight, "weight"), self)])
         if isinstance(weight, numbers.Real) and not isinstance(weight, bool):
             return LossSum([(check_real(weight, "weight"), self)])
         return NotImplemented
@@ -96,6 +150,11 @@ class Loss(nn.Module):
     __rmul__ = __mul__
 
     def __truediv__(self, divisor: object) -> LossSum:
+        if isinstance(divisor, Tensor):
+            divisor = _check_tensor_weight(divisor, "divisor")
+            if bool(divisor == 0):
+                raise ZeroDivisionError("cannot divide a loss by 0")
+            return LossSum([(1.0 / divisor, self)])
         if isinstance(divisor, numbers.Real) and not isinstance(divisor, bool):
             divisor = check_real(divisor, "divisor")
             if divisor == 0:
@@ -122,6 +181,35 @@ class Loss(nn.Module):
         return embeddings.to(working_dtype(embeddings.dtype)).sum() * 0.0 + 0.0
 
 
+def _check_tensor_weight(weight: Tensor, name: str) -> Tensor:
+    """A loss weight given as a tensor: one finite real number, gradient-free."""
+    if weight.numel() != 1 or weight.dim() > 1:
+        raise ValueError(f"{name} must be a single number; got a tensor of shape {tuple(weight.shape)}")
+    if weight.is_complex() or weight.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real number; got a tensor of dtype {weight.dtype}")
+    check_real(weight.item(), name)  # finite (read once, at construction)
+    return weight.reshape(())
+
+
+def _check_weight(weight: object) -> float | Tensor:
+    if isinstance(weight, Tensor):
+        return _check_tensor_weight(weight, "weight")
+    return check_real(weight, "weight")
+
+
+def _one_dropped(weight: float | Tensor) -> tuple[float | Tensor, ...]:
+    return () if isinstance(weight, float) and weight == 1.0 else (weight,)
+
+
+def _product(factors: tuple[float | Tensor, ...]) -> float | Tensor:
+    if not factors:
+        return 1.0
+    result = factors[0]
+    for factor in factors[1:]:
+        result = result * factor
+    return result
+
+
 class LossSum(Loss):
     """A weighted sum of losses, built by ``a + b``, ``w * a``, ``a / w`` or ``sum(...)``.
 
@@ -135,30 +223,60 @@ class LossSum(Loss):
 
     Parameters
     ----------
-    terms : iterable of (float, Loss)
-        The weights and losses.
+    terms : iterable of (float or 0-d Tensor, Loss)
+        The weights and losses. A tensor weight is used as it is at each call (a
+        schedule may update it in place); it is not a learnable parameter.
+
+    Notes
+    -----
+    ``state_dict`` holds each term's state and hyper-parameters and the weights (as
+    floats): loading it into a sum with other weights or other terms' settings raises
+    a ``ValueError`` instead of silently mixing them.
     """
 
-    def __init__(self, terms: Iterable[tuple[float, Loss]]) -> None:
+    def __init__(self, terms: Iterable[tuple[float | Tensor, Loss]]) -> None:
         super().__init__()
-        flat: list[tuple[float, Loss]] = []
+        # Each term keeps its weight as a product of factors, multiplied at each call, so a
+        # tensor weight stays live through nesting: ``0.5 * (w * a) + b`` still reads ``w``.
+        flat: list[tuple[tuple[float | Tensor, ...], Loss]] = []
         for weight, loss in terms:
             if not isinstance(loss, Loss):
                 raise TypeError(f"each term must be an embedkit Loss; got {type(loss).__name__}")
             if isinstance(loss, LossSum):
-                flat.extend((weight * w, inner) for w, inner in loss.terms)
+                outer = _check_weight(weight)
+                flat.extend(((*_one_dropped(outer), *factors), inner) for factors, inner in loss._terms)
             else:
-                flat.append((float(weight), loss))
+                flat.append(((_check_weight(weight),), loss))
         if not flat:
             raise ValueError("a LossSum needs at least one term")
-        self.weights = tuple(w for w, _ in flat)
+        self._factors = tuple(factors for factors, _ in flat)
         self.losses = nn.ModuleList([loss for _, loss in flat])
         self.accepts_reference = any(loss.accepts_reference for loss in self.losses)
 
     @property
-    def terms(self) -> list[tuple[float, Loss]]:
+    def _terms(self) -> list[tuple[tuple[float | Tensor, ...], Loss]]:
+        return list(zip(self._factors, self.losses, strict=True))  # type: ignore[arg-type]
+
+    @property
+    def weights(self) -> tuple[float | Tensor, ...]:
+        """The weight of each term now (a tensor where a tensor weight is involved)."""
+        return tuple(_product(factors) for factors in self._factors)
+
+    @property
+    def terms(self) -> list[tuple[float | Tensor, Loss]]:
         """The (weight, loss) pairs of this sum, flattened."""
         return list(zip(self.weights, self.losses, strict=True))  # type: ignore[arg-type]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"weights": [float(w) for w in self.weights]}
+
+    def set_extra_state(self, state: Any) -> None:
+        saved = state.get("weights") if isinstance(state, Mapping) else None
+        here = [float(w) for w in self.weights]
+        if saved != here:
+            raise ValueError(
+                f"cannot load a LossSum state saved with weights {saved} into one with weights {here}"
+            )
 
     def forward(
         self,
@@ -167,6 +285,7 @@ class LossSum(Loss):
         *,
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        **unexpected: Any,
     ) -> Tensor:
         """Weighted sum of every term's loss on the same batch.
 
@@ -183,6 +302,7 @@ class LossSum(Loss):
         Tensor
             A scalar.
         """
+        _reject_unexpected(self, unexpected)
         has_ref = ref_embeddings is not None or ref_labels is not None
         if has_ref and not self.accepts_reference:
             names = ", ".join(type(loss).__name__ for loss in self.losses)
@@ -202,7 +322,21 @@ class LossSum(Loss):
         return self._record(total, stats)
 
     def extra_repr(self) -> str:
-        return "weights=" + ", ".join(f"{w:g}" for w in self.weights)
+        return "weights=" + ", ".join(f"{float(w):g}" for w in self.weights)
+
+
+def _reject_unexpected(loss: Loss, kwargs: Mapping[str, Any]) -> None:
+    """Name embedkit's keywords where a pytorch-metric-learning user typed its ``ref_emb=``."""
+    if not kwargs:
+        return
+    hints = {"ref_emb": "ref_embeddings", "ref_label": "ref_labels", "ref_lbls": "ref_labels"}
+    names = sorted(kwargs)
+    known = [f"{n}= (embedkit calls it {hints[n]}=)" for n in names if n in hints]
+    if loss.accepts_reference:
+        detail = "; ".join(known) if known else "it takes ref_embeddings= and ref_labels= only"
+    else:
+        detail = "it compares embeddings with its learnable class parameters and takes no " + ", ".join(names)
+    raise TypeError(f"{type(loss).__name__} got unexpected keyword argument(s) {', '.join(names)}: {detail}")
 
 
 class PairBatch:
@@ -283,6 +417,7 @@ class PairLoss(Loss):
         *,
         ref_embeddings: Tensor | None = None,
         ref_labels: Tensor | None = None,
+        **unexpected: Any,
     ) -> Tensor:
         """Compute the loss.
 
@@ -305,6 +440,7 @@ class PairLoss(Loss):
             A scalar. 0 (with the graph kept) when the batch has no usable pair;
             ``last_stats["num_positive_pairs"]`` then says so.
         """
+        _reject_unexpected(self, unexpected)
         batch = PairBatch(embeddings, labels, ref_embeddings, ref_labels)
         value, stats = self.compute(batch)
         return self._record(value, stats)
@@ -343,11 +479,7 @@ class ClassifierLoss(Loss):
         Tensor
             A scalar.
         """
-        if kwargs:
-            raise TypeError(
-                f"{type(self).__name__} compares embeddings with its learnable class "
-                f"parameters and takes no {', '.join(sorted(kwargs))}"
-            )
+        _reject_unexpected(self, kwargs)
         check_embeddings(embeddings, "embeddings")
         self._check_dim(embeddings)
         labels = check_labels(labels, embeddings.shape[0], "labels", device=embeddings.device)

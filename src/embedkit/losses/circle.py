@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from .._checks import check_real
 from ..similarity import pairwise_similarity
-from .base import PairBatch, PairLoss, masked_logsumexp, masked_mean
+from .base import HyperChecks, PairBatch, PairLoss, masked_logsumexp, masked_mean
 
 __all__ = ["CircleLoss"]
 
@@ -36,6 +39,11 @@ class CircleLoss(PairLoss):
     Equal to pytorch-metric-learning's ``CircleLoss(m, gamma)``. ``last_stats``:
     pair counts, ``num_anchors``, mean positive/negative similarity.
     """
+
+    hyper_parameters: ClassVar[HyperChecks] = {
+        "m": partial(check_real, name="m"),
+        "gamma": partial(check_real, name="gamma", low=0.0, low_inclusive=False),
+    }
 
     def __init__(self, m: float = 0.4, gamma: float = 80.0) -> None:
         super().__init__()

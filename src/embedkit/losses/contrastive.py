@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from functools import partial
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_real
+from .._checks import check_bool, check_choice, check_real
 from ..similarity import pairwise_distance
-from .base import PairBatch, PairLoss, masked_mean
+from .base import HyperChecks, PairBatch, PairLoss, masked_mean
 
 __all__ = ["ContrastiveLoss", "Distance"]
 
@@ -50,6 +51,13 @@ class ContrastiveLoss(PairLoss):
     ``mean_positive_distance``, ``mean_negative_distance``.
     """
 
+    hyper_parameters: ClassVar[HyperChecks] = {
+        "pos_margin": partial(check_real, name="pos_margin"),
+        "neg_margin": partial(check_real, name="neg_margin"),
+        "distance": partial(check_choice, name="distance", choices=DISTANCES),
+        "normalize": partial(check_bool, name="normalize"),
+    }
+
     def __init__(
         self,
         pos_margin: float = 0.0,
@@ -59,10 +67,11 @@ class ContrastiveLoss(PairLoss):
         normalize: bool = True,
     ) -> None:
         super().__init__()
-        self.pos_margin = check_real(pos_margin, "pos_margin")
-        self.neg_margin = check_real(neg_margin, "neg_margin")
-        self.distance = cast(Distance, check_choice(distance, "distance", DISTANCES))
-        self.normalize = bool(normalize)
+        # Each assignment is checked by ``hyper_parameters`` (here and after construction).
+        self.pos_margin: float = pos_margin
+        self.neg_margin: float = neg_margin
+        self.distance: Distance = distance
+        self.normalize: bool = normalize
 
     def compute(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
         d = pairwise_distance(

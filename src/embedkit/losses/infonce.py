@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from .._checks import check_real
 from ..similarity import pairwise_similarity
-from .base import PairBatch, PairLoss, masked_logsumexp, masked_mean
+from .base import HyperChecks, PairBatch, PairLoss, masked_logsumexp, masked_mean
 
 __all__ = ["NTXentLoss", "SupConLoss"]
 
@@ -45,6 +48,10 @@ class SupConLoss(PairLoss):
     ``last_stats``: ``num_positive_pairs``, ``num_negative_pairs``,
     ``num_anchors``, ``mean_positive_similarity``, ``mean_negative_similarity``.
     """
+
+    hyper_parameters: ClassVar[HyperChecks] = {
+        "temperature": partial(check_real, name="temperature", low=0.0, low_inclusive=False)
+    }
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
@@ -91,6 +98,10 @@ class NTXentLoss(PairLoss):
     give both views of an image the same label. A batch with no positive pair or no
     negative pair at all gives 0. ``last_stats`` as for :class:`SupConLoss`.
     """
+
+    hyper_parameters: ClassVar[HyperChecks] = {
+        "temperature": partial(check_real, name="temperature", low=0.0, low_inclusive=False)
+    }
 
     def __init__(self, temperature: float = 0.07) -> None:
         super().__init__()

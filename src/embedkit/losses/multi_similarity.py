@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from .._checks import check_real
+from .._checks import check_bool, check_real
 from ..mining import multi_similarity_pairs
 from ..similarity import pairwise_similarity
-from .base import PairBatch, PairLoss, log1p_sum_exp, masked_mean
+from .base import HyperChecks, PairBatch, PairLoss, log1p_sum_exp, masked_mean
 
 __all__ = ["MultiSimilarityLoss"]
 
@@ -46,6 +49,14 @@ class MultiSimilarityLoss(PairLoss):
     ``num_mined_negative_pairs``, mean positive/negative similarity.
     """
 
+    hyper_parameters: ClassVar[HyperChecks] = {
+        "alpha": partial(check_real, name="alpha", low=0.0, low_inclusive=False),
+        "beta": partial(check_real, name="beta", low=0.0, low_inclusive=False),
+        "base": partial(check_real, name="base"),
+        "mining": partial(check_bool, name="mining"),
+        "epsilon": partial(check_real, name="epsilon", low=0.0),
+    }
+
     def __init__(
         self,
         alpha: float = 2.0,
@@ -59,7 +70,7 @@ class MultiSimilarityLoss(PairLoss):
         self.alpha = check_real(alpha, "alpha", low=0.0, low_inclusive=False)
         self.beta = check_real(beta, "beta", low=0.0, low_inclusive=False)
         self.base = check_real(base, "base")
-        self.mining = bool(mining)
+        self.mining: bool = mining
         self.epsilon = check_real(epsilon, "epsilon", low=0.0)
 
     def compute(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor | float]]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int, check_real
 from ..similarity import pairwise_similarity
-from .base import ClassifierLoss, log1p_sum_exp, masked_mean
+from .base import ClassifierLoss, HyperChecks, log1p_sum_exp, masked_mean
 
 __all__ = ["ProxyAnchorLoss"]
 
@@ -46,6 +49,11 @@ class ProxyAnchorLoss(ClassifierLoss):
     ``last_stats``: ``num_positive_proxies``, ``mean_positive_similarity``,
     ``mean_negative_similarity``.
     """
+
+    hyper_parameters: ClassVar[HyperChecks] = {
+        "margin": partial(check_real, name="margin"),
+        "alpha": partial(check_real, name="alpha", low=0.0, low_inclusive=False),
+    }
 
     def __init__(
         self, num_classes: int, embedding_dim: int, *, margin: float = 0.1, alpha: float = 32.0

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal, cast
+from functools import partial
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from .._checks import check_choice, check_real
+from .._checks import check_bool, check_choice, check_real
 from ..mining import hardest_pairs, semi_hard_negatives, sorted_negatives
 from ..similarity import pairwise_distance
-from .base import PairBatch, PairLoss, masked_mean
+from .base import HyperChecks, PairBatch, PairLoss, masked_mean
 from .contrastive import DISTANCES, Distance
 
 __all__ = ["TripletMarginLoss"]
@@ -54,7 +55,8 @@ class TripletMarginLoss(PairLoss):
     Parameters
     ----------
     margin : float
-        ``m`` (default 0.2, as in FaceNet and case study 04).
+        ``m >= 0`` (default 0.2, as in FaceNet and case study 04). A negative margin
+        is rejected: every triplet already satisfying it, it would ask for nothing.
     mining : {"all", "batch_all", "batch_hard", "semi_hard"}
         See above (default ``"batch_all"``).
     distance : {"euclidean", "squared_euclidean", "cosine"}
@@ -78,6 +80,15 @@ class TripletMarginLoss(PairLoss):
     ``mean_negative_distance``.
     """
 
+    hyper_parameters: ClassVar[HyperChecks] = {
+        # A negative margin asks for nothing (every triplet already satisfies it).
+        "margin": partial(check_real, name="margin", low=0.0),
+        "mining": partial(check_choice, name="mining", choices=MININGS),
+        "distance": partial(check_choice, name="distance", choices=DISTANCES),
+        "normalize": partial(check_bool, name="normalize"),
+        "soft_margin": partial(check_bool, name="soft_margin"),
+    }
+
     def __init__(
         self,
         margin: float = 0.2,
@@ -88,11 +99,12 @@ class TripletMarginLoss(PairLoss):
         soft_margin: bool = False,
     ) -> None:
         super().__init__()
-        self.margin = check_real(margin, "margin")
-        self.mining = check_choice(mining, "mining", MININGS)
-        self.distance = cast(Distance, check_choice(distance, "distance", DISTANCES))
-        self.normalize = bool(normalize)
-        self.soft_margin = bool(soft_margin)
+        # Each assignment is checked by ``hyper_parameters`` (here and after construction).
+        self.margin: float = margin
+        self.mining: str = mining
+        self.distance: Distance = distance
+        self.normalize: bool = normalize
+        self.soft_margin: bool = soft_margin
 
     def _hinge(self, violation: Tensor) -> Tensor:
         return F.softplus(violation) if self.soft_margin else torch.relu(violation)
