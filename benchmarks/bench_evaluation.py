@@ -51,13 +51,15 @@ NUM_CLASSES = 1000
 DIM = 128
 
 
-def make_data(n: int, seed: int = 0, n_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
+def make_data(
+    n: int, seed: int = 0, n_classes: int = NUM_CLASSES, dim: int = DIM
+) -> tuple[np.ndarray, np.ndarray]:
     """Clustered embeddings: class centres plus noise (precision@1 well away from 0 and 1)."""
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n_classes, DIM), dtype=np.float32)
+    centres = rng.standard_normal((n_classes, dim), dtype=np.float32)
     labels = rng.integers(0, n_classes, n)
     x = centres[labels]
-    x += 1.3 * rng.standard_normal((n, DIM), dtype=np.float32)
+    x += 1.3 * rng.standard_normal((n, dim), dtype=np.float32)
     return x, labels
 
 
@@ -157,6 +159,74 @@ def run_map(n: int) -> dict[str, Any]:
     if abs(ours["map"] - theirs["mean_average_precision"]) > 1e-4:
         raise AssertionError(f"mAP differs: embedkit {ours['map']} vs PML {theirs['mean_average_precision']}")
     return {"n": n, **{name: t[1] for name, t in times.items()}, "map": ours["map"]}  # CPU seconds
+
+
+def run_approximate(n: int, dim: int, n_queries: int, k: int = 10) -> list[dict[str, Any]]:
+    """Recall@k against the exact search, and time, of the approximate indexes' settings.
+
+    The reference set is :func:`make_data` (``n × dim``, 1,000 classes) and the queries
+    are ``n_queries`` more embeddings of the same classes, all L2-normalised (cosine). Every
+    setting is timed as build (train + add) and search of all queries, by FAISS directly,
+    so that one build serves a sweep of ``nprobe`` / ``efSearch``; the first row is the
+    exact flat search. Recall@k = the share of the exact top ``k`` that the index returns.
+    """
+    import faiss
+
+    x, _ = make_data(n + n_queries, seed=3, dim=dim)
+    faiss.normalize_L2(x)
+    reference, queries = x[:n], x[n:]
+    rows: list[dict[str, Any]] = []
+
+    def measure(kind: str, params: str, build_s: float, index: Any, exact: np.ndarray | None) -> np.ndarray:
+        start = time.perf_counter()
+        _, found = index.search(queries, k)
+        search_s = time.perf_counter() - start
+        recall = (
+            1.0
+            if exact is None
+            else float(np.mean([np.intersect1d(a, b).size for a, b in zip(found, exact, strict=True)]) / k)
+        )
+        rows.append(
+            {
+                "n": n,
+                "dim": dim,
+                "index": kind,
+                "params": params,
+                "build_s": build_s,
+                "search_s": search_s,
+                f"recall@{k}": recall,
+            }
+        )
+        return found
+
+    start = time.perf_counter()
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(reference)
+    exact = measure("flat (exact)", "", time.perf_counter() - start, flat, None)
+    del flat
+    root = int(np.sqrt(n))
+    for nlist in sorted({root, 4 * root}):
+        start = time.perf_counter()
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(reference)
+        ivf.add(reference)
+        build = time.perf_counter() - start
+        for nprobe in (1, 2, 4, 8, 16, 32, 64, 128):
+            if nprobe <= nlist:
+                ivf.nprobe = nprobe
+                measure("ivf", f"nlist={nlist} nprobe={nprobe}", build, ivf, exact)
+        del ivf
+    for m, ef_construction in ((16, 40), (32, 40), (32, 128)):
+        start = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = ef_construction
+        hnsw.add(reference)
+        build = time.perf_counter() - start
+        for ef_search in (16, 32, 64, 128, 256, 512):
+            hnsw.hnsw.efSearch = ef_search
+            measure("hnsw", f"M={m} efC={ef_construction} efS={ef_search}", build, hnsw, exact)
+        del hnsw
+    return rows
 
 
 def _proc_status_gib(field: str) -> float | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -23,14 +22,19 @@ import torch
 from embedkit.evaluation.report import to_plain
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with the flags every reproduction takes."""
+def parser(description: str, *, data_dir_help: str | None = None) -> argparse.ArgumentParser:
+    """An argument parser with the flags every reproduction takes.
+
+    ``data_dir_help`` replaces the ``--data-dir`` help, e.g. for an example that cannot read
+    a real folder and says so.
+    """
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--data-dir",
         type=Path,
         default=None,
-        help="a real image folder laid out as root/<identity>/<image> (default: built-in synthetic data)",
+        help=data_dir_help
+        or "a real image folder laid out as root/<identity>/<image> (default: built-in synthetic data)",
     )
     p.add_argument("--quick", action="store_true", help="a small configuration that runs in minutes on a CPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -86,21 +90,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def _strict(value: Any) -> Any:
-    """NaN and infinities as null: report.json must be strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
-
-
 def write_report(out: Path, report: dict[str, Any], markdown: str) -> None:
-    """``report.json`` (strict JSON, NaN written as null) and ``report.md`` in ``out``."""
+    """``report.json`` and ``report.md`` in ``out``.
+
+    report.json is strict JSON (:func:`~embedkit.evaluation.report.to_plain`): NaN is written
+    as null, infinities as the strings "Infinity" and "-Infinity".
+    """
     out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_strict(to_plain(report)), indent=2, allow_nan=False)
+    text = json.dumps(to_plain(report), indent=2, allow_nan=False)
     (out / "report.json").write_text(text + "\n", encoding="utf-8")
     (out / "report.md").write_text(markdown, encoding="utf-8")
 

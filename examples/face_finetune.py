@@ -667,18 +667,20 @@ def evaluate(
         )
     )
     identification, verification = reports["identification"], reports["verification"]
-    genuine, impostor = verification.curves["genuine_scores"], verification.curves["impostor_scores"]
     scores, matches = ek.knn(probes, gallery, k=min(5, len(gallery)))
     matches = matches.cpu().numpy()
     return {
         # With HR probes the "pair" is the probe itself: nothing to measure.
         "paired_similarity": math.nan if hr_probes else float(cosine_rows(probes, probe_hr).mean()),
-        "same_identity_similarity": float(np.mean(genuine)),
-        "different_identity_similarity": float(np.mean(impostor)),
+        "same_identity_similarity": verification["mean_genuine_score"],
+        "different_identity_similarity": verification["mean_impostor_score"],
         "rank-1": identification.rate("rank-1"),
         "rank-5": identification.rate("rank-5"),
         "rank-10": identification.rate("rank-10"),
-        "tar@far=0.001": verification["tar@far=0.001"],
+        # Unmeasurable below 1,000 impostor pairs (a value at FAR 0, with a note): shown as n/a.
+        "tar@far=0.001": verification["tar@far=0.001"]
+        if verification.counts["impostor_pairs"] >= 1000
+        else math.nan,
         "eer": verification["eer"],
         "auc": verification["auc"],
         "identification": identification,
@@ -742,7 +744,7 @@ def figures(out: Path, results: dict[str, dict[str, Any]], data: FaceData, dsr_p
     plt = pyplot()
     if plt is None:
         return []
-    from embedkit.plotting import plot_cmc, plot_history, plot_matches, plot_score_histograms
+    from embedkit.plotting import plot_cmc, plot_history, plot_matches, plot_score_distributions
 
     written = []
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -757,12 +759,7 @@ def figures(out: Path, results: dict[str, dict[str, Any]], data: FaceData, dsr_p
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (name, r) in zip(axes.flat, results.items(), strict=False):
         v = r["verification"]
-        genuine, impostor = v.curves["genuine_scores"], v.curves["impostor_scores"]
-        plot_score_histograms(
-            np.concatenate([genuine, impostor]),
-            np.r_[np.ones(genuine.size, bool), np.zeros(impostor.size, bool)],
-            ax=ax,
-        )
+        plot_score_distributions(v, ax=ax)
         ax.set_title(f"{name}: EER {r['eer']:.3f}")
     for ax in list(axes.flat)[len(results) :]:
         ax.axis("off")

@@ -888,7 +888,11 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parser(__doc__ or "").parse_args(argv)
+    args = parser(
+        __doc__ or "",
+        data_dir_help="not supported: the example needs per-pixel ground truth, which an image folder "
+        "does not hold (it runs on built-in synthetic sequences)",
+    ).parse_args(argv)
     config = QUICK if args.quick else FULL
     out = args.out or Path("out") / ("relevance_mask-quick" if args.quick else "relevance_mask")
     torch.use_deterministic_algorithms(True, warn_only=True)

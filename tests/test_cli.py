@@ -9,8 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from embedkit.cli import load_embeddings, main
+from embedkit.evaluation.report import load_reports
+from embedkit.evaluation.verification import verification_metrics
+from embedkit.similarity import pairwise_similarity
 
 
 @pytest.fixture
@@ -53,8 +57,67 @@ def test_evaluate_writes_report(files, tmp_path: Path, capsys: pytest.CaptureFix
     assert report["verification"]["metrics"]["auc"] > 0.9
     assert "map@r" in report["retrieval"]["metrics"]
     assert (out / "report.md").read_text().count("| metric |") == 4
-    for figure in ("cmc.png", "roc.png", "det.png", "scores.png"):
+    for figure in ("cmc.png", "dir_fpir.png", "roc.png", "det.png", "scores.png"):
         assert (out / figure).stat().st_size > 1000, figure
+
+
+def _refuse(token: str) -> None:
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def test_report_json_is_strict_has_curves_and_replots(
+    files, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gallery, probe = files
+    out = tmp_path / "out"
+    # FPIR 1 puts threshold@fpir=1 at the lowest score and FAR 1e-6 is unmeasurable here:
+    # the values that used to be written as -Infinity / NaN.
+    argv = ["evaluate", "--gallery", str(gallery), "--probe", str(probe), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--fpir", "0.01", "1", "--far", "1e-6", "0.1", "1"]) == 0
+    with open(out / "report.json", encoding="utf-8") as f:
+        data = json.load(f, parse_constant=_refuse)  # strict: NaN / Infinity tokens raise
+    verification = data["verification"]
+    # +inf (the ROC's first threshold: accept nothing) is the string "Infinity".
+    assert verification["curves"]["thresholds"][0] == "Infinity"
+    assert {"far", "tar", "thresholds", "score_bin_edges", "impostor_histogram"} <= set(
+        verification["curves"]
+    )
+    assert {"cmc", "cmc_chance"} <= set(data["identification"]["curves"])
+    assert {"fpir", "dir"} <= set(data["open_set"]["curves"])
+    assert "genuine_scores" not in verification["curves"]
+
+    reports = load_reports(out / "report.json")
+    assert set(reports) == {"identification", "open_set", "verification", "retrieval"}
+    loaded = reports["verification"]
+    assert loaded.curves["thresholds"][0] == np.inf
+    assert loaded.rate("tar@far=0.1") is not None and loaded["auc"] == verification["metrics"]["auc"]
+    np.testing.assert_array_equal(
+        loaded.curves["impostor_histogram"], verification["curves"]["impostor_histogram"]
+    )
+
+    again = tmp_path / "again"
+    capsys.readouterr()
+    assert main(["plot", str(out / "report.json"), "--out", str(again)]) == 0
+    for figure in ("cmc.png", "dir_fpir.png", "roc.png", "det.png", "scores.png"):
+        assert (again / figure).stat().st_size > 1000, figure
+
+
+def test_cli_verification_equals_the_in_memory_computation(files, tmp_path: Path) -> None:
+    gallery, probe = files
+    out = tmp_path / "out"
+    argv = ["evaluate", "--gallery", str(gallery), "--probe", str(probe), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--no-retrieval", "--far", "0.001", "0.01", "0.1"]) == 0
+    written = json.loads((out / "report.json").read_text())["verification"]["metrics"]
+    g, p = load_embeddings(gallery), load_embeddings(probe)
+    scores = pairwise_similarity(torch.from_numpy(p["embeddings"]), torch.from_numpy(g["embeddings"])).numpy()
+    genuine = p["labels"][:, None] == g["labels"][None, :]
+    expected = verification_metrics(scores.ravel(), genuine.ravel(), far_targets=(0.001, 0.01, 0.1))
+    assert written["auc"] == pytest.approx(expected["auc"], abs=1e-12)
+    assert written["eer"] == pytest.approx(expected["eer"], abs=1e-12)
+    for key in ("tar@far=0.001", "tar@far=0.01", "tar@far=0.1", "far@far=0.01", "best_accuracy"):
+        rate = expected.rate(key)
+        assert rate is not None
+        assert (written[key]["hits"], written[key]["total"]) == (rate.hits, rate.total), key
 
 
 def test_npy_inputs_with_label_files(tmp_path: Path, files) -> None:

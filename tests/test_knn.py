@@ -154,3 +154,81 @@ def test_bad_inputs(data: np.ndarray) -> None:
     bad[3, 1] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         knn(bad, None, 3)
+
+
+def test_reference_defaults_to_the_queries(data: np.ndarray) -> None:
+    scores, indices = knn(data, k=3, exclude_self=True)  # reference=None as documented
+    want_scores, want_indices = knn(data, None, 3, exclude_self=True)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(scores, want_scores)
+    _, own = knn(data, k=1)  # without exclude_self every query finds itself
+    np.testing.assert_array_equal(own[:, 0], np.arange(len(data)))
+
+
+def test_one_sample_with_exclude_self_says_why(data: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="at least two are needed"):
+        knn(data[:1], k=1, exclude_self=True)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "faiss-ivf", "faiss-hnsw", "torch"])
+def test_numpy_integer_arguments_work_on_every_backend(data: np.ndarray, backend: str) -> None:
+    extra = {
+        "faiss-ivf": {"nlist": np.int64(8), "nprobe": np.int32(8)},
+        "faiss-hnsw": {"hnsw_m": np.int64(16), "ef_construction": np.int16(80), "ef_search": np.int64(300)},
+        "torch": {"chunk_size": np.int64(17)},
+    }.get(backend, {})
+    scores, indices = knn(data, data[:50], np.int64(5), backend=backend, **extra)  # type: ignore[arg-type]
+    _, want = knn(data, data[:50], 5, backend="torch")
+    assert scores.shape == indices.shape == (300, 5)
+    assert (indices == want).mean() > 0.95
+    with pytest.raises(TypeError, match="k must be an integer"):
+        knn(data, None, np.float64(5.0), backend=backend)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_faiss_blocks_and_self_exclusion_across_block_edges(
+    monkeypatch: pytest.MonkeyPatch, data: np.ndarray, metric: str
+) -> None:
+    # Results are written block by block into the final arrays: blocks of 7 queries (with and
+    # without a progress callback) must give the same answer as one block and as brute force.
+    monkeypatch.setattr(knn_module, "_FAISS_QUERY_BLOCK", 7)
+    for progress in (False, True):
+        scores, indices = knn(
+            data, None, 6, metric=metric, backend="faiss", exclude_self=True, progress=progress
+        )
+        want_scores, want_indices = brute_force(data, data, 6, metric, True)
+        np.testing.assert_array_equal(indices, want_indices)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-4, atol=1e-4)
+        assert scores.dtype == np.float32 and scores.flags.c_contiguous and indices.flags.c_contiguous
+
+
+def test_faiss_search_holds_the_results_once() -> None:
+    # The results are the largest arrays of a self-retrieval; they used to be held three times
+    # (per-block parts, their concatenation, the self-excluded copy). numpy's allocations are
+    # traced by tracemalloc (FAISS's own are not): the peak must stay near one copy of the output.
+    import tracemalloc
+
+    x = np.random.default_rng(3).standard_normal((20_000, 8)).astype(np.float32)
+    k = 60
+    output_bytes = x.shape[0] * k * (4 + 8)
+    knn(x, None, k, backend="faiss", exclude_self=True)  # warm-up: imports and FAISS buffers
+    tracemalloc.start()
+    knn(x, None, k, backend="faiss", exclude_self=True)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1.5 * output_bytes + 2 * x.nbytes, (peak, output_bytes)
+
+
+def test_recall_against_exact() -> None:
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.standard_normal((500, 16)).astype(np.float32))
+    _, exact = knn(x, None, 10, backend="faiss", exclude_self=True)
+    recall, checked = knn_module.recall_against_exact(x, None, exact, sample=100)
+    assert (recall, checked) == (1.0, 100)
+    damaged = exact.clone()
+    damaged[:, -1] = (damaged[:, -1] + 1) % 500  # one of ten neighbours replaced (almost surely wrong)
+    recall, _ = knn_module.recall_against_exact(x, None, damaged, sample=1000)
+    assert recall == pytest.approx(0.9, abs=0.01)
+    _, ivf = knn(x[:50], x, 10, backend="faiss-ivf", nlist=16, nprobe=1)
+    recall, checked = knn_module.recall_against_exact(x[:50], x, ivf, sample=1000)
+    assert checked == 50 and 0.0 < recall < 1.0

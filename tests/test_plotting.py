@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -13,9 +14,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
+from embedkit.evaluation import Gallery  # noqa: E402
 from embedkit.evaluation.report import Report  # noqa: E402
 from embedkit.evaluation.verification import verification_metrics  # noqa: E402
-from embedkit.plotting import plot_cmc, plot_det, plot_roc, plot_score_histograms  # noqa: E402
+from embedkit.plotting import (  # noqa: E402
+    plot_cmc,
+    plot_det,
+    plot_dir_fpir,
+    plot_roc,
+    plot_score_distributions,
+    plot_score_histograms,
+)
 
 
 @pytest.fixture
@@ -36,27 +45,66 @@ def save(ax: object, path: Path) -> None:
     assert path.exists() and path.stat().st_size > 1000
 
 
+def line(ax: object, label: str) -> object:
+    """The one line of ``ax`` with this legend label."""
+    found = [ln for ln in ax.lines if ln.get_label() == label]  # type: ignore[attr-defined]
+    assert len(found) == 1, [ln.get_label() for ln in ax.lines]  # type: ignore[attr-defined]
+    return found[0]
+
+
+def drawn_at(ln: object, x: float, ax: object) -> float:
+    """The y the line is drawn at for abscissa x, interpolating as matplotlib draws: straight
+    chords in display (axis-scale) coordinates."""
+    xs, ys = np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float)  # type: ignore[attr-defined]
+    if ax.get_xscale() == "log":  # type: ignore[attr-defined]
+        return float(np.interp(np.log10(x), np.log10(xs), ys))
+    return float(np.interp(x, xs, ys))
+
+
 def test_plot_roc(scored_pairs: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     scores, genuine = scored_pairs
-    # 1e-4 cannot be measured with ~2400 impostor pairs: it gets no marker.
-    report = verification_metrics(scores, genuine, far_targets=(1e-4, 1e-2, 0.1))
+    report = verification_metrics(scores, genuine, far_targets=(1e-2, 0.1))
     ax = plot_roc(report)
     save(ax, tmp_path / "roc.png")
-    # ROC, chance diagonal, two target lines, one line of target markers, the EER marker.
-    assert len(ax.lines) == 6
     assert ax.get_xscale() == "log"
-    roc = ax.lines[0]
-    far = report.curves["far"]
+    far, tar = report.curves["far"], report.curves["tar"]
+    roc = line(ax, f"ROC (AUC {report['auc']:.4f})")
     np.testing.assert_array_equal(roc.get_xdata(), far[far > 0])
-    markers = ax.lines[4]
+    np.testing.assert_array_equal(roc.get_ydata(), tar[far > 0])
+    markers = line(ax, "TAR @ FAR targets")
     np.testing.assert_array_equal(markers.get_xdata(), [1e-2, 0.1])
     np.testing.assert_array_equal(markers.get_ydata(), [report["tar@far=0.01"], report["tar@far=0.1"]])
-    np.testing.assert_allclose(ax.lines[5].get_ydata(), [1 - report["eer"]])
+    eer = line(ax, f"EER {report['eer']:.4f}")
+    np.testing.assert_allclose(eer.get_xdata(), [report["eer"]])
+    np.testing.assert_allclose(eer.get_ydata(), [1 - report["eer"]])
 
     _, given = plt.subplots()
     assert plot_roc(report, given, log_far=False) is given
     assert given.get_xscale() == "linear"
     assert len(given.lines[0].get_xdata()) == len(far)  # FAR = 0 kept on a linear axis
+    chance = line(given, "chance (TAR = FAR)")
+    np.testing.assert_array_equal(chance.get_xdata(), chance.get_ydata())
+    assert drawn_at(chance, 0.3, given) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("n_impostor", [20_000, 300])
+def test_roc_chance_line_is_tar_equal_far_on_the_log_axis(n_impostor: int) -> None:
+    rng = np.random.default_rng(1)
+    genuine = np.r_[np.ones(500, dtype=bool), np.zeros(n_impostor, dtype=bool)]
+    scores = rng.normal(size=genuine.size) + 2.5 * genuine
+    report = verification_metrics(scores, genuine, far_targets=(1e-4, 1e-3, 1e-2))
+    ax = plot_roc(report)
+    chance = line(ax, "chance (TAR = FAR)")
+    x, y = np.asarray(chance.get_xdata()), np.asarray(chance.get_ydata())
+    np.testing.assert_array_equal(x, y)  # every vertex on TAR = FAR
+    assert x.min() <= 1e-4 and x.max() == 1.0  # reaches the finest FAR target asked for
+    # As drawn (chords in log-x display space) it passes through the points the issue names,
+    # and stays on TAR = FAR in between (a two-point chord gave 0.24 at FAR 1e-4).
+    for far in (1e-4, 1e-2):
+        assert drawn_at(chance, far, ax) == pytest.approx(far, rel=1e-12)
+    between = np.logspace(-4, 0, 997)
+    drawn = np.array([drawn_at(chance, f, ax) for f in between])
+    np.testing.assert_allclose(drawn, between, rtol=2e-3)
 
 
 def test_plot_det(scored_pairs: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
@@ -64,13 +112,40 @@ def test_plot_det(scored_pairs: tuple[np.ndarray, np.ndarray], tmp_path: Path) -
     report = verification_metrics(scores, genuine)
     ax = plot_det(report)
     save(ax, tmp_path / "det.png")
-    assert len(ax.lines) == 3  # DET, FAR = FRR diagonal, EER point
     far, frr = report.curves["far"], 1 - report.curves["tar"]
     shown = (far > 0) & (far < 1) & (frr > 0) & (frr < 1)
-    np.testing.assert_allclose(ax.lines[0].get_xdata(), norm.ppf(far[shown]))
-    np.testing.assert_allclose(ax.lines[0].get_ydata(), norm.ppf(frr[shown]))
-    np.testing.assert_allclose(ax.lines[2].get_xdata(), [norm.ppf(report["eer"])])
-    assert "1%" in [t.get_text() for t in ax.get_xticklabels()]
+    det = line(ax, "DET")
+    np.testing.assert_allclose(det.get_xdata(), norm.ppf(far[shown]))
+    np.testing.assert_allclose(det.get_ydata(), norm.ppf(frr[shown]))
+    eer = line(ax, f"EER {report['eer']:.4f}")
+    np.testing.assert_allclose(eer.get_xdata(), [norm.ppf(report["eer"])])
+    # Chance (a random score, TAR = FAR): FRR = 1 - FAR, checked on the probabilities drawn.
+    chance = line(ax, "chance (FRR = 1 - FAR)")
+    np.testing.assert_allclose(norm.cdf(chance.get_ydata()), 1 - norm.cdf(chance.get_xdata()), atol=1e-12)
+    diagonal = line(ax, "FAR = FRR")
+    np.testing.assert_array_equal(diagonal.get_xdata(), diagonal.get_ydata())
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert "1%" in labels and "0.1%" in labels
+    np.testing.assert_allclose(ax.get_xticks(), norm.ppf([float(t[:-1]) / 100 for t in labels]))
+
+
+@pytest.mark.parametrize("n_impostor", [300, 20_000, 200_000])
+def test_det_tick_labels_never_overlap(n_impostor: int) -> None:
+    rng = np.random.default_rng(2)
+    genuine = np.r_[np.ones(2000, dtype=bool), np.zeros(n_impostor, dtype=bool)]
+    scores = rng.normal(size=genuine.size) + 3.0 * genuine
+    ax = plot_det(verification_metrics(scores, genuine))
+    figure = ax.figure
+    figure.set_size_inches(5, 4)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        boxes = sorted(
+            (t.get_window_extent(renderer) for t in labels if t.get_text()), key=lambda b: b.x0 + b.y0
+        )
+        assert len(boxes) >= 3
+        for a, b in itertools.pairwise(boxes):
+            assert not a.overlaps(b), (a, b)
 
 
 def test_plot_det_of_perfect_separation_is_empty_not_broken(tmp_path: Path) -> None:
@@ -394,3 +469,59 @@ def test_new_plots_say_how_to_install_matplotlib(
         plot_history(history, "loss")
     with pytest.raises(ImportError, match=r"pip install embedkit\[plot\]"):
         plot_matches(matches["probes"], matches["gallery"], matches["indices"], matches["is_correct"])
+
+
+def open_set_report() -> Report:
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((60, 16))
+    gallery_labels = np.repeat(np.arange(50), 2)
+    probe_labels = rng.integers(0, 60, 600)
+    gallery = centres[gallery_labels] + 0.5 * rng.standard_normal((100, 16))
+    probes = centres[probe_labels] + 0.5 * rng.standard_normal((600, 16))
+    return (
+        Gallery().enrol(gallery, gallery_labels).dir_at_fpir(probes, probe_labels, fpir_targets=(0.01, 0.1))
+    )
+
+
+def test_plot_dir_fpir_draws_the_curve_chance_and_operating_points(tmp_path: Path) -> None:
+    report = open_set_report()
+    ax = plot_dir_fpir(report)
+    save(ax, tmp_path / "dir_fpir.png")
+    assert ax.get_xscale() == "log"
+    fpir, dir_ = report.curves["fpir"], report.curves["dir"]
+    curve = line(ax, "DIR")
+    order = np.argsort(fpir, kind="stable")
+    shown = fpir[order] > 0
+    np.testing.assert_array_equal(curve.get_xdata(), fpir[order][shown])
+    np.testing.assert_array_equal(curve.get_ydata(), dir_[order][shown])
+    identities = report.counts["identities"]
+    chance = line(ax, f"chance (FPIR / {identities})")
+    x, y = np.asarray(chance.get_xdata()), np.asarray(chance.get_ydata())
+    np.testing.assert_allclose(y, x / identities, rtol=1e-15)
+    assert drawn_at(chance, 0.01, ax) == pytest.approx(0.01 / identities, rel=1e-12)
+    between = np.logspace(np.log10(x.min()), 0, 301)
+    np.testing.assert_allclose([drawn_at(chance, f, ax) for f in between], between / identities, rtol=2e-3)
+    points = line(ax, "DIR @ FPIR targets (achieved FPIR)")
+    np.testing.assert_array_equal(points.get_xdata(), [report["fpir@fpir=0.01"], report["fpir@fpir=0.1"]])
+    np.testing.assert_array_equal(points.get_ydata(), [report["dir@fpir=0.01"], report["dir@fpir=0.1"]])
+    with pytest.raises(ValueError, match="plot_dir_fpir needs the open-set report"):
+        plot_dir_fpir(Report("x", {"a": 1.0}))
+
+
+def test_plot_score_distributions_from_report_histograms(
+    scored_pairs: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    scores, genuine = scored_pairs
+    report = verification_metrics(scores, genuine)
+    ax = plot_score_distributions(report)
+    save(ax, tmp_path / "scores.png")
+    edges = np.histogram_bin_edges(scores, 50)
+    # The drawn densities are numpy's density histograms of each class on the shared bins.
+    for patch, mask in zip(ax.patches, (genuine, ~genuine), strict=True):
+        expected = np.histogram(scores[mask], bins=edges, density=True)[0]
+        drawn_top = patch.get_path().vertices[:, 1].max()
+        assert drawn_top == pytest.approx(expected.max())
+    threshold = line(ax, f"threshold {report['best_threshold']:.4g}")
+    np.testing.assert_array_equal(threshold.get_xdata(), [report["best_threshold"]] * 2)
+    with pytest.raises(ValueError, match="score_bin_edges"):
+        plot_score_distributions(Report("x", {"a": 1.0}))

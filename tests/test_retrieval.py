@@ -272,3 +272,88 @@ def test_k_beyond_the_reference_set_divides_by_k() -> None:
     assert report.rate("precision@5").hits == 4 and report["precision@5"] == pytest.approx(4 / 20)
     assert report.rate("recall@5").chance == 1.0  # three draws from three always include the one relevant
     assert any("fewer than k=5" in note for note in report.notes)
+
+
+# --- same-source protection, approximate search, argument types --------------------------------
+
+
+def test_equals_accuracy_calculator_default_distance_with_euclidean(random_set) -> None:
+    # PML's AccuracyCalculator ranks by L2 distance on the raw vectors by default: that is
+    # embedkit's metric="euclidean"; embedkit's default (cosine) equals it on normalised vectors.
+    x, y = random_set
+    x = x * np.random.default_rng(5).uniform(0.5, 2.0, (len(x), 1)).astype(np.float32)  # unequal norms
+    calculator = AccuracyCalculator(include=tuple(PML_KEYS.values())[:3], k=None, device=torch.device("cpu"))
+    theirs = calculator.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
+    ours = retrieval_metrics(x, y, metric="euclidean", compute_map=False)
+    for key, pml_key in list(PML_KEYS.items())[:3]:
+        assert ours[key] == pytest.approx(theirs[pml_key], abs=1e-9), key
+    cosine = retrieval_metrics(x, y, compute_map=False)
+    assert any(
+        cosine[key] != pytest.approx(theirs[pml_key], abs=1e-9)
+        for key, pml_key in PML_KEYS.items()
+        if key != "map"
+    )
+
+
+def test_image_ids_guard_against_the_same_image_on_both_sides(random_set) -> None:
+    x, y = random_set
+    q_ids = [f"img{i}.png" for i in range(100)]
+    r_ids = [f"img{i}.png" for i in range(100, 360)]
+    report = retrieval_metrics(x[:100], y[:100], x[100:], y[100:], image_ids=q_ids, reference_image_ids=r_ids)
+    assert not any("image ids" in note for note in report.notes)
+    with pytest.raises(ValueError, match=r"1 image id\(s\) are both queries and references: 'img5.png'"):
+        retrieval_metrics(
+            x[:100], y[:100], x[100:], y[100:], image_ids=q_ids, reference_image_ids=["img5.png", *r_ids[1:]]
+        )
+    # integers and their decimal strings are different images
+    retrieval_metrics(
+        x[:100],
+        y[:100],
+        x[100:],
+        y[100:],
+        image_ids=np.arange(100),
+        reference_image_ids=[str(i) for i in range(260)],
+    )
+    unchecked = retrieval_metrics(x[:100], y[:100], x[100:], y[100:], image_ids=q_ids)
+    assert any("image ids not given for both sides" in note for note in unchecked.notes)
+    retrieval_metrics(x, y, image_ids=np.arange(360))  # self mode: unique ids are fine
+    with pytest.raises(ValueError, match="more than once"):
+        retrieval_metrics(x, y, image_ids=np.arange(360) % 359)
+    with pytest.raises(ValueError, match="without reference"):
+        retrieval_metrics(x, y, reference_image_ids=np.arange(360))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean", "squared_euclidean"])
+def test_near_duplicate_queries_are_counted(random_set, metric: str) -> None:
+    # The CLI's mistake: probes that are the gallery images themselves give precision@1 = 1.
+    x, y = random_set
+    # unit vectors and one large one, which tops most "dot" rankings without being anyone's
+    # duplicate: the check must look past the top result (a duplicate ranks second there)
+    x = normalised(x)
+    x[0] *= 40.0
+    report = retrieval_metrics(x[:100].copy(), y[:100], x, y, metric=metric, compute_map=False)
+    assert report.counts["near_duplicate_queries"] == 100
+    assert any("memorisation" in note for note in report.notes)
+    clean = retrieval_metrics(x[:100], y[:100], x[100:], y[100:], metric=metric, compute_map=False)
+    assert clean.counts["near_duplicate_queries"] == 0
+    assert retrieval_metrics(x, y, metric=metric, compute_map=False).counts["near_duplicate_queries"] == 0
+
+
+def test_approximate_backends_report_their_recall(random_set) -> None:
+    x, y = random_set
+    exact = retrieval_metrics(x, y, compute_map=False)
+    assert "search_recall" not in exact
+    for backend in ("faiss-ivf", "faiss-hnsw"):
+        report = retrieval_metrics(x, y, backend=backend, compute_map=False)  # type: ignore[arg-type]
+        assert 0.0 < report["search_recall"] <= 1.0
+        assert any("approximate" in note and "search_recall" in note for note in report.notes)
+
+
+def test_numpy_integer_arguments(random_set) -> None:
+    x, y = random_set
+    a = retrieval_metrics(x, y, ks=(1, 5), chunk_size=50, backend="torch")
+    b = retrieval_metrics(x, y, ks=np.array([1, 5]), chunk_size=np.int64(50), backend="torch")
+    c = retrieval_metrics(x, y, ks=(np.int8(1), np.uint64(5)), backend="torch")
+    assert dict(a) == dict(b) == dict(c)
+    with pytest.raises(TypeError, match="chunk_size"):
+        retrieval_metrics(x, y, chunk_size=50.0)

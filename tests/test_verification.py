@@ -20,9 +20,11 @@ from embedkit.evaluation.verification import (
     kfold_accuracy,
     make_pairs,
     pair_scores,
+    read_pairs_file,
     roc_auc,
     roc_curve,
     tar_at_far,
+    unmeasurable_target_note,
     val_far_at_threshold,
     verification_metrics,
 )
@@ -34,11 +36,9 @@ from embedkit.similarity import pairwise_similarity
 def brute_tar_at_far(scores: np.ndarray, genuine: np.ndarray, target: float) -> float:
     """Largest TAR over every threshold (each score and +inf) whose FAR is at most the target.
 
-    NaN when the target is finer than one false accept (1 / impostor pairs): unmeasurable.
+    A target finer than one false accept (1 / impostor pairs) leaves only FAR 0 points.
     """
     n_genuine, n_impostor = genuine.sum(), (~genuine).sum()
-    if 1 / n_impostor > target:
-        return math.nan
     best = -1.0
     for t in [math.inf, *np.unique(scores)]:
         accepted = scores >= t
@@ -154,24 +154,34 @@ def test_tar_at_far_matches_brute_force(seed: int, discrete: bool) -> None:
         np.testing.assert_equal(report[key], brute_tar_at_far(scores, genuine, target), err_msg=key)
         if 1 / (~genuine).sum() > target:
             assert any(note.startswith(f"{key} cannot be measured") for note in report.notes)
-            continue
         rate = report.rate(key)
         assert rate is not None and rate.chance == target and rate.total == genuine.sum()
-        # The reported threshold achieves exactly that TAR, within the FAR target.
+        # The reported threshold achieves exactly that TAR, within the FAR target, and is the
+        # strictest that does: the FAR reported is the one it achieves, the lowest for that TAR.
         t = report[key.replace("tar@", "threshold@")]
+        false_accepts = ((scores >= t) & ~genuine).sum()
         assert ((scores >= t) & genuine).sum() == rate.hits
-        assert ((scores >= t) & ~genuine).sum() / (~genuine).sum() <= target
+        assert false_accepts / (~genuine).sum() <= target
+        assert report.rate(key.replace("tar@", "far@")) == Rate(int(false_accepts), int((~genuine).sum()))
+        stricter = np.unique(scores[scores > t])
+        assert stricter.size == 0 or ((scores >= stricter[0]) & genuine).sum() < rate.hits
 
 
-def test_far_target_finer_than_impostor_pairs_is_nan_with_note() -> None:
+def test_far_target_finer_than_impostor_pairs_is_reported_at_far_zero_with_note() -> None:
     scores, genuine = random_case(0, n=300)
     n_impostor = int((~genuine).sum())
     report = verification_metrics(scores, genuine, far_targets=(1e-4, 1 / n_impostor, 0.5))
-    assert math.isnan(report["tar@far=0.0001"])
-    assert math.isnan(report["threshold@far=0.0001"])
+    # The one rule (shared with DIR@FPIR): the value at the strictest measured point, FAR 0.
+    above_every_impostor = scores[genuine] > scores[~genuine].max()
+    assert report.rate("tar@far=0.0001") == Rate(int(above_every_impostor.sum()), int(genuine.sum()), 1e-4)
+    assert report.rate("far@far=0.0001") == Rate(0, n_impostor)
+    assert report["threshold@far=0.0001"] == scores[genuine][above_every_impostor].min()
     assert len(report.notes) == 1
-    assert "tar@far=0.0001" in report.notes[0] and str(n_impostor) in report.notes[0]
-    assert "10000 impostor pairs" in report.notes[0]
+    assert report.notes[0] == unmeasurable_target_note(
+        "tar@far=0.0001", 1e-4, n_impostor, "impostor pairs", "far@far=0.0001"
+    )
+    assert "tar@far=0.0001 cannot be measured" in report.notes[0] and str(n_impostor) in report.notes[0]
+    assert "10000 impostor pairs" in report.notes[0] and f"far@far=0.0001 = 0/{n_impostor}" in report.notes[0]
     # Exactly one false accept allowed: measurable.
     assert report[far_key(1 / n_impostor)] == brute_tar_at_far(scores, genuine, 1 / n_impostor)
     assert report["tar@far=0.5"] == brute_tar_at_far(scores, genuine, 0.5)
@@ -222,8 +232,9 @@ def test_verification_metrics_report() -> None:
     np.testing.assert_array_equal(report.curves["tar"], tar)
     np.testing.assert_array_equal(report.curves["thresholds"], thresholds)
     np.testing.assert_array_equal(report.curves["far_targets"], [1e-4, 1e-3, 1e-2])
-    # 1e-4 is finer than 1/1400-ish impostor pairs
-    assert math.isnan(report["tar@far=0.0001"]) and len(report.notes) == 1
+    # 1e-4 is finer than 1/1400-ish impostor pairs: measured at FAR 0, with a note
+    assert report["far@far=0.0001"] == 0 and len(report.notes) == 1
+    assert report["tar@far=0.0001"] == brute_tar_at_far(scores, genuine, 1e-4)
     assert report["tar@far=0.01"] == brute_tar_at_far(scores, genuine, 0.01)
     report.to_json()  # serialisable with NaN and inf
 
@@ -525,3 +536,102 @@ def test_bad_arguments_are_named() -> None:
         pair_scores(emb, ([0], [1]), metric="manhattan")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="embeddings must be a floating-point array"):
         pair_scores(np.ones((4, 3), dtype=np.int64), ([0], [1]))
+
+
+# ----------------------------------------------------------------------------- protocol folds
+
+
+def write_pairs_file(path, n_sets: int = 10, per_class: int = 2) -> None:
+    """A small LFW-style pairs.txt: sets of genuine 'name i j' then impostor 'name1 i name2 j' lines."""
+    lines = [f"{n_sets}\t{per_class}"]
+    for s in range(n_sets):
+        lines += [f"Person_{s}_{k}\t1\t2" for k in range(per_class)]
+        lines += [f"Person_{s}_{k}\t1\tOther_{s}_{k}\t3" for k in range(per_class)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_read_pairs_file_gives_pairs_and_folds_in_file_order(tmp_path) -> None:
+    path = tmp_path / "pairs.txt"
+    write_pairs_file(path)
+    pairs = read_pairs_file(path)
+    assert len(pairs) == 40
+    np.testing.assert_array_equal(pairs.folds, np.repeat(np.arange(10), 4))
+    np.testing.assert_array_equal(pairs.is_genuine, np.tile([True, True, False, False], 10))
+    assert pairs.first_name[0] == pairs.second_name[0] == "Person_0_0"
+    assert (pairs.first_index[0], pairs.second_index[0]) == (1, 2)
+    assert (pairs.first_name[2], pairs.first_index[2], pairs.second_name[2], pairs.second_index[2]) == (
+        "Person_0_0",
+        1,
+        "Other_0_0",
+        3,
+    )
+    first, second = pairs.image_names()
+    assert first[2] == "Person_0_0/Person_0_0_0001.jpg" and second[2] == "Other_0_0/Other_0_0_0003.jpg"
+
+
+def test_fixed_folds_reproduce_a_hand_computed_ten_fold_accuracy(tmp_path) -> None:
+    path = tmp_path / "pairs.txt"
+    write_pairs_file(path)
+    pairs = read_pairs_file(path)
+    # Genuine pairs score 0.9, impostors 0.1, except both impostors of set 3, which score 0.95.
+    scores = np.where(pairs.is_genuine, 0.9, 0.1)
+    scores[(pairs.folds == 3) & ~pairs.is_genuine] = 0.95
+    # By hand. Held-out set 3: the other sets separate perfectly, every threshold in (0.1, 0.9]
+    # is best, the midpoint 0.5 is applied: both 0.95 impostors are accepted, 2/4 correct.
+    # Held-out set f != 3: training has the two 0.95 impostors; accepting >= 0.9 makes 2 errors
+    # (rejecting all makes 18), so the threshold is again midway to the next lower score 0.1,
+    # 0.5, and set f is all correct. Mean: (9 * 1 + 0.5) / 10.
+    report = kfold_accuracy(scores, pairs.is_genuine, folds=pairs.folds)
+    assert report["accuracy"] == pytest.approx(0.95)
+    np.testing.assert_allclose(report.curves["fold_accuracy"], [1, 1, 1, 0.5, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_allclose(report.curves["fold_threshold"], np.full(10, 0.5))
+    np.testing.assert_array_equal(report.curves["fold_of_pair"], pairs.folds)
+    np.testing.assert_array_equal(report.curves["fold_id"], np.arange(10))
+    assert report.rate("pooled_accuracy") == Rate(38, 40, chance=0.5)
+    assert report["accuracy_std"] == pytest.approx(np.std([1] * 9 + [0.5]))
+    assert report.counts["folds"] == 10
+    # The same protocol with n_folds stated, or fold ids that are not 0..9, gives the same.
+    assert (
+        kfold_accuracy(scores, pairs.is_genuine, folds=pairs.folds, n_folds=10)["accuracy"]
+        == report["accuracy"]
+    )
+    relabelled = kfold_accuracy(scores, pairs.is_genuine, folds=pairs.folds * 7 + 100)
+    np.testing.assert_array_equal(relabelled.curves["fold_accuracy"], report.curves["fold_accuracy"])
+
+
+def test_random_folds_stay_the_default() -> None:
+    scores, genuine = random_case(1, n=200)
+    default = kfold_accuracy(scores, genuine)
+    assert default.counts["folds"] == 10
+    assert default["accuracy"] == kfold_accuracy(scores, genuine, n_folds=10, seed=0)["accuracy"]
+    given = kfold_accuracy(scores, genuine, folds=default.curves["fold_of_pair"])
+    np.testing.assert_array_equal(given.curves["fold_accuracy"], default.curves["fold_accuracy"])
+
+
+def test_bad_folds_and_pairs_files_are_named(tmp_path) -> None:
+    scores, genuine = random_case(0, n=20)
+    with pytest.raises(ValueError, match="folds has 19 entries but scores has 20"):
+        kfold_accuracy(scores, genuine, folds=np.zeros(19, dtype=int))
+    with pytest.raises(ValueError, match="single fold id"):
+        kfold_accuracy(scores, genuine, folds=np.zeros(20, dtype=int))
+    with pytest.raises(ValueError, match="n_folds is 5 but folds holds 2"):
+        kfold_accuracy(scores, genuine, folds=np.arange(20) % 2, n_folds=5)
+    with pytest.raises(TypeError, match="folds"):
+        kfold_accuracy(scores, genuine, folds=np.full(20, 0.5))
+    bad = tmp_path / "pairs.txt"
+    bad.write_text("ten 300\n")
+    with pytest.raises(ValueError, match=r"pairs.txt, line 1: expected a header"):
+        read_pairs_file(bad)
+    bad.write_text("1 1\nA 1 2\nA 1 2\n")
+    with pytest.raises(
+        ValueError, match=r"line 3: expected an impostor pair 'name1 i name2 j' \(line 2 of set 1\)"
+    ):
+        read_pairs_file(bad)
+    bad.write_text("2 1\nA 1 2\nA 1 B 2\n")
+    with pytest.raises(ValueError, match="announces 2 set"):
+        read_pairs_file(bad)
+    bad.write_text("1 1\nA 1 x\nA 1 B 2\n")
+    with pytest.raises(ValueError, match="line 2: image numbers must be integers"):
+        read_pairs_file(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_pairs_file(tmp_path / "missing.txt")

@@ -1,4 +1,4 @@
-"""Figures for evaluation reports (ROC, DET, score histograms, CMC curves), training
+"""Figures for evaluation reports (ROC, DET, score histograms, CMC and DIR–FPIR curves), training
 histories with the steps where a diagnosis fired, and grids of retrieved matches.
 
 matplotlib is an optional dependency (``pip install embedkit[plot]``); it is imported
@@ -7,6 +7,12 @@ a new figure from ``matplotlib.pyplot.subplots``), returns the ``Axes``, and nev
 ``plt.show()`` — so they work the same in a notebook, a script with the Agg backend and
 a test. Save with ``ax.figure.savefig("roc.png")``. The one exception is
 :func:`plot_matches`, which draws a grid of images and so returns its ``Figure``.
+
+Reference lines (chance, FAR = FRR) are computed as curves on the scale of the axes they
+are drawn on — densely sampled on a logarithmic axis — so that a line drawn at TAR = FAR
+passes through (1e-4, 1e-4) on a log FAR axis, not through a straight chord. Every
+report figure reads only the report's metrics and curves, so a report read back from
+``report.json`` (:func:`embedkit.evaluation.report.load_reports`) re-plots the same.
 
 Example
 -------
@@ -31,16 +37,26 @@ from .evaluation.verification import far_key
 from .monitors.history import TrainingHistory
 
 __all__ = [
+    "chance_curve",
     "plot_cmc",
     "plot_det",
+    "plot_dir_fpir",
     "plot_history",
     "plot_matches",
     "plot_roc",
+    "plot_score_distributions",
     "plot_score_histograms",
 ]
 
-# Probabilities labelled on the normal-deviate axes of a DET plot.
-_DET_TICKS = (1e-4, 1e-3, 1e-2, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.95, 0.99)
+# Probabilities that may be labelled on the normal-deviate axes of a DET plot, in order of
+# preference: decades first, then the halves and fifths between them.
+_DET_TICKS = (1e-4, 1e-3, 1e-2, 0.1, 0.5, 0.9, 0.99, 1e-5, 1e-6, 0.05, 0.2, 0.02, 0.005, 5e-4, 0.3, 0.8, 0.95)
+# Labelled DET ticks stay apart by this share of the axis per character of label (a 10 pt
+# character is about 7 px, 2% of a 3.5-inch axis at 100 dpi), plus a gap.
+_DET_CHAR_SHARE = 0.022
+_DET_TICK_PAD = 0.03
+# Samples per decade of a reference line on a logarithmic axis.
+_PER_DECADE = 64
 
 
 def _pyplot() -> Any:
@@ -78,6 +94,40 @@ def _percent_label(p: float) -> str:
     return f"{100 * p:g}%"
 
 
+def chance_curve(low: float, high: float = 1.0, *, log: bool = True) -> np.ndarray:
+    """Abscissae for a reference line drawn between ``low`` and ``high``.
+
+    On a linear axis a straight line needs its two ends. On a logarithmic axis matplotlib
+    joins points by straight chords *in display space*, so ``y = x`` drawn from two points
+    is a wrong curve; the line is sampled instead at 64 points per decade, plus every
+    power of ten in range, so the drawn chords stay within 0.1% of the formula and pass
+    through each decade exactly.
+
+    Parameters
+    ----------
+    low, high : float
+        The range, ``0 < low < high`` on a log axis.
+    log : bool
+        Whether the axis is logarithmic.
+
+    Returns
+    -------
+    ndarray of shape (n,)
+        Increasing abscissae from ``low`` to ``high``; evaluate the formula on them.
+    """
+    low, high = check_real(low, "low"), check_real(high, "high")
+    if not low < high or (log and low <= 0):
+        raise ValueError(
+            f"chance_curve needs 0 < low < high on a log axis (low < high otherwise); got {low}, {high}"
+        )
+    if not log:
+        return np.array([low, high])
+    a, b = np.log10(low), np.log10(high)
+    n = max(2, int(np.ceil((b - a) * _PER_DECADE)) + 1)
+    decades = 10.0 ** np.arange(np.ceil(a), np.floor(b) + 1)
+    return np.unique(np.r_[10.0 ** np.linspace(a, b, n), decades, low, high])
+
+
 def plot_roc(report: Report, ax: Any = None, *, log_far: bool = True) -> Any:
     """The ROC curve (TAR against FAR) of a verification report.
 
@@ -108,9 +158,11 @@ def plot_roc(report: Report, ax: Any = None, *, log_far: bool = True) -> Any:
         ax.set_xscale("log")
     label = f"ROC (AUC {report['auc']:.4f})" if "auc" in report else "ROC"
     ax.plot(far, tar, color="C0", label=label)
-    low = float(far.min()) if far.size else 1e-4
-    ax.plot([low, 1.0], [low, 1.0], color="grey", linestyle="--", linewidth=1, label="chance (TAR = FAR)")
     targets = [float(t) for t in report.curves.get("far_targets", [])]
+    # The chance line reaches the finest FAR shown or asked for; on a log axis it is a curve.
+    low = min([float(far.min()) if far.size else 1e-4, *targets]) if log_far else 0.0
+    x = chance_curve(low, 1.0, log=log_far)
+    ax.plot(x, x, color="grey", linestyle="--", linewidth=1, label="chance (TAR = FAR)")
     measured = [
         (t, report[key]) for t in targets if (key := far_key(t)) in report and np.isfinite(report[key])
     ]
@@ -126,6 +178,30 @@ def plot_roc(report: Report, ax: Any = None, *, log_far: bool = True) -> Any:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     return ax
+
+
+def _det_ticks(low: float, high: float) -> np.ndarray:
+    """Probabilities to label on a DET axis spanning ``[low, high]``, decades first.
+
+    Two labels are kept apart by at least their mean length times ``_DET_CHAR_SHARE`` of
+    the axis, plus ``_DET_TICK_PAD``: on an axis 3.5 inches or wider (the default figures)
+    their texts never touch, however many decades the axis spans.
+    """
+    from scipy.stats import norm
+
+    span = float(norm.ppf(high) - norm.ppf(low))
+    chosen: list[float] = []
+    for t in _DET_TICKS:
+        if not low <= t <= high:
+            continue
+        width = len(_percent_label(t))
+        if all(
+            abs(norm.ppf(t) - norm.ppf(c))
+            >= span * (_DET_CHAR_SHARE * (width + len(_percent_label(c))) / 2 + _DET_TICK_PAD)
+            for c in chosen
+        ):
+            chosen.append(t)
+    return np.sort(np.asarray(chosen))
 
 
 def plot_det(report: Report, ax: Any = None) -> Any:
@@ -146,9 +222,10 @@ def plot_det(report: Report, ax: Any = None) -> Any:
     Returns
     -------
     matplotlib Axes
-        Its ticks are labelled in percent; the data coordinates are
-        ``scipy.stats.norm.ppf`` of the rates. Draws the DET curve, the FAR = FRR
-        diagonal and the EER point.
+        Its ticks are labelled in percent, chosen so that labels never run into each
+        other (decades first); the data coordinates are ``scipy.stats.norm.ppf`` of the
+        rates. Draws the DET curve, the chance line (a random score: FRR = 1 - FAR), the
+        FAR = FRR diagonal and the EER point.
     """
     from scipy.stats import norm
 
@@ -159,15 +236,27 @@ def plot_det(report: Report, ax: Any = None) -> Any:
     ax.plot(norm.ppf(far[shown]), norm.ppf(frr[shown]), color="C0", label="DET")
     rates = np.r_[far[shown], frr[shown]]
     low = min(float(rates.min()) if rates.size else 1e-3, 1e-2)
-    ticks = np.array([t for t in _DET_TICKS if low / 2 <= t <= 0.99])
     edge = norm.ppf([low / 2, 0.99])
-    ax.plot(edge, edge, color="grey", linestyle="--", linewidth=1, label="FAR = FRR")
+    # Reference lines sampled on the probabilities they stand for (straight on these axes).
+    p = np.linspace(low / 2, 0.99, 256)
+    chance = (p >= 0.01) & (p <= 1 - low / 2)
+    ax.plot(
+        norm.ppf(p[chance]),
+        norm.ppf(1 - p[chance]),
+        color="grey",
+        linestyle="--",
+        linewidth=1,
+        label="chance (FRR = 1 - FAR)",
+    )
+    ax.plot(norm.ppf(p), norm.ppf(p), color="grey", linestyle=":", linewidth=1, label="FAR = FRR")
     if "eer" in report and 0 < report["eer"] < 1:
         point = norm.ppf(report["eer"])
         ax.plot([point], [point], "s", color="C3", label=f"EER {report['eer']:.4f}")
+    ticks = _det_ticks(low / 2, 0.99)
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_ticks(norm.ppf(ticks))
         axis.set_ticklabels([_percent_label(t) for t in ticks])
+        axis.set_ticks([], minor=True)
     ax.set_xlim(*edge)
     ax.set_ylim(*edge)
     ax.set_xlabel("FAR (false accept rate)")
@@ -175,7 +264,131 @@ def plot_det(report: Report, ax: Any = None) -> Any:
     if not shown.any():
         ax.set_title("no errors: the DET curve is empty")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper right", fontsize="small")
+    return ax
+
+
+def plot_dir_fpir(report: Report, ax: Any = None) -> Any:
+    """Open-set identification: DIR against FPIR (log scale), with the chance level.
+
+    Parameters
+    ----------
+    report : Report
+        The ``"open_set"`` report of :meth:`embedkit.evaluation.Gallery.evaluate` or
+        :meth:`~embedkit.evaluation.Gallery.dir_at_fpir` (uses the curves ``"fpir"`` and
+        ``"dir"``, the count ``"identities"`` and the metrics ``"dir@fpir=<f>"`` with
+        ``"fpir@fpir=<f>"``).
+    ax : matplotlib Axes, optional
+        Where to draw; a new figure when omitted.
+
+    Returns
+    -------
+    matplotlib Axes
+        The DIR–FPIR curve (points at FPIR 0 cannot be shown on the log axis and are left
+        out); the chance line ``DIR = FPIR / C`` for ``C`` enrolled identities — what a
+        scorer that ignores identity reaches — drawn as a curve on the log axis; a marker
+        at each reported operating point, placed at the FPIR it achieves.
+    """
+    if not isinstance(report, Report) or "fpir" not in report.curves or "dir" not in report.curves:
+        raise ValueError(
+            "plot_dir_fpir needs the open-set report of Gallery.dir_at_fpir or Gallery.evaluate (with "
+            f"curves 'fpir' and 'dir'); got {type(report).__name__}"
+            + (f" with curves {sorted(report.curves)}" if isinstance(report, Report) else "")
+        )
+    fpir = np.asarray(report.curves["fpir"], dtype=np.float64)
+    dir_ = np.asarray(report.curves["dir"], dtype=np.float64)
+    order = np.argsort(fpir, kind="stable")
+    fpir, dir_ = fpir[order], dir_[order]
+    shown = fpir > 0
+    ax = _axes(ax)
+    ax.set_xscale("log")
+    ax.plot(fpir[shown], dir_[shown], color="C0", drawstyle="steps-post", label="DIR")
+    points = []
+    for key in report:
+        if key.startswith("dir@fpir="):
+            achieved = key.replace("dir@", "fpir@", 1)
+            if achieved in report and report[achieved] > 0:
+                points.append((report[achieved], report[key]))
+    low = min([float(fpir[shown].min()) if shown.any() else 1e-3, *(x for x, _ in points)])
+    identities = report.counts.get("identities")
+    if identities:
+        x = chance_curve(low, 1.0)
+        ax.plot(
+            x,
+            x / identities,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label=f"chance (FPIR / {identities})",
+        )
+    if points:
+        ax.plot(*zip(*points, strict=True), "o", color="C2", label="DIR @ FPIR targets (achieved FPIR)")
+    ax.set_xlabel("FPIR (false positive identification rate), log scale")
+    ax.set_ylabel("DIR (detection and identification rate)")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    return ax
+
+
+def plot_score_distributions(report: Report, ax: Any = None, *, threshold: float | None = None) -> Any:
+    """Genuine and impostor score densities from a verification report's histograms.
+
+    Uses the curves ``"score_bin_edges"``, ``"genuine_histogram"`` and
+    ``"impostor_histogram"`` that :func:`~embedkit.evaluation.verification.verification_metrics`
+    and :func:`~embedkit.evaluation.verification.all_pairs_verification` store (exact
+    counts over all pairs, however many impostor pairs there were), so it also draws a
+    report read back from ``report.json``.
+
+    Parameters
+    ----------
+    report : Report
+        A verification report.
+    ax : matplotlib Axes, optional
+        Where to draw; a new figure when omitted.
+    threshold : float, optional
+        A decision threshold to mark; the report's ``"best_threshold"`` when omitted.
+
+    Returns
+    -------
+    matplotlib Axes
+        One filled step patch per class (density: count / (pairs × bin width)) and a line at
+        the threshold.
+    """
+    needed = ("score_bin_edges", "genuine_histogram", "impostor_histogram")
+    if not isinstance(report, Report) or any(k not in report.curves for k in needed):
+        raise ValueError(
+            f"plot_score_distributions needs a verification report with curves {list(needed)}; got "
+            f"{type(report).__name__}"
+            + (f" with curves {sorted(report.curves)}" if isinstance(report, Report) else "")
+        )
+    edges = np.asarray(report.curves["score_bin_edges"], dtype=np.float64)
+    widths = np.diff(edges)
+    ax = _axes(ax)
+    for key, name, color in (
+        ("genuine_histogram", "genuine", "C0"),
+        ("impostor_histogram", "impostor", "C1"),
+    ):
+        counts = np.asarray(report.curves[key], dtype=np.float64)
+        total = counts.sum()
+        if total > 0:
+            ax.stairs(
+                counts / (total * widths),
+                edges,
+                fill=True,
+                alpha=0.45,
+                color=color,
+                label=f"{name} (n={int(total)})",
+            )
+    if threshold is None and "best_threshold" in report and np.isfinite(report["best_threshold"]):
+        threshold = report["best_threshold"]
+    if threshold is not None:
+        ax.axvline(
+            float(threshold), color="k", linestyle="--", linewidth=1, label=f"threshold {threshold:.4g}"
+        )
+    ax.set_xlabel("score")
+    ax.set_ylabel("density")
+    ax.legend()
     return ax
 
 

@@ -5,15 +5,18 @@ Every accuracy is a :class:`Rate` with its counts and chance level, and every re
 """
 
 from .gallery import Gallery
-from .report import Rate, Report
+from .report import Rate, Report, load_reports
 from .retrieval import retrieval_metrics
 from .search import knn
 from .verification import (
+    PairsFile,
+    all_pairs_verification,
     best_threshold_accuracy,
     equal_error_rate,
     kfold_accuracy,
     make_pairs,
     pair_scores,
+    read_pairs_file,
     roc_auc,
     roc_curve,
     tar_at_far,
@@ -23,14 +26,18 @@ from .verification import (
 
 __all__ = [
     "Gallery",
+    "PairsFile",
     "Rate",
     "Report",
+    "all_pairs_verification",
     "best_threshold_accuracy",
     "equal_error_rate",
     "kfold_accuracy",
     "knn",
+    "load_reports",
     "make_pairs",
     "pair_scores",
+    "read_pairs_file",
     "retrieval_metrics",
     "roc_auc",
     "roc_curve",

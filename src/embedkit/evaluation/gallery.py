@@ -22,8 +22,7 @@ each identity is one template, the mean of its (L2-normalised, for cosine) embed
 Ranks count ties pessimistically: an identity scoring exactly as much as the true one is
 ranked before it. Scores follow :func:`embedkit.similarity.pairwise_similarity` (higher is
 closer). Every probe is scored against every gallery entry, block by block, on the gallery's
-device: memory holds one block, never a probes × gallery matrix (except in :meth:`verify`,
-whose output is all those pairs).
+device: memory holds one block, never a probes × gallery matrix (:meth:`verify` included).
 """
 
 from __future__ import annotations
@@ -36,18 +35,39 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_ks, check_matching_dim, check_rate_targets
-from ..similarity import METRICS, Metric, l2_normalize, similarity_blocks, working_dtype
-from ._inputs import as_embeddings, as_image_ids, as_labels, progress_bar, to_numpy
+from .._checks import check_choice, check_int, check_ks, check_matching_dim, check_rate_targets
+from ..similarity import (
+    BLOCK_BYTES,
+    METRICS,
+    Metric,
+    l2_normalize,
+    rows_per_block,
+    similarity_blocks,
+    working_dtype,
+)
+from ._inputs import (
+    as_embeddings,
+    as_image_ids,
+    as_labels,
+    progress_bar,
+    repeated_ids,
+    shared_ids,
+    to_numpy,
+)
 from .report import Rate, Report
-from .verification import verification_metrics
+from .search import search_checked
+from .verification import _all_pairs_report, unmeasurable_target_note
 
 __all__ = ["Gallery", "fpir_key"]
 
 Template = Literal["none", "mean"]
 
-# A probe this similar (cosine) to a gallery entry is almost surely the same image.
+# A probe this similar (cosine) to an enrolled image is almost surely the same image. For
+# every metric the test is geometric: ||p - x|| <= _NEAR_DUPLICATE_DISTANCE * ||p|| on the
+# vectors the metric compares (L2-normalised for cosine), which for unit vectors is exactly
+# cosine >= _NEAR_DUPLICATE.
 _NEAR_DUPLICATE = 0.9999
+_NEAR_DUPLICATE_DISTANCE = float(np.sqrt(2.0 * (1.0 - _NEAR_DUPLICATE)))
 
 
 def fpir_key(fpir: float, prefix: str = "dir") -> str:
@@ -63,6 +83,9 @@ class _Scan:
     true_score: np.ndarray  # (n_probes,) score of the true identity; NaN when not enrolled
     rank: np.ndarray  # (n_probes,) 1-based rank of the true identity; 0 when not enrolled
     pair_scores: np.ndarray | None  # (n_probes, n_entries) when asked for
+    # (n_probes,) squared distance to the nearest enrolled image over the probe's squared norm
+    # (metric space); NaN when the scan could not see images (mean templates)
+    nearest_ratio: np.ndarray
 
 
 class Gallery:
@@ -84,12 +107,28 @@ class Gallery:
 
     def __init__(self, *, metric: Metric = "cosine", chunk_size: int | None = None) -> None:
         self.metric: Metric = check_choice(metric, "metric", METRICS)  # type: ignore[assignment]
-        self.chunk_size = chunk_size
+        self.chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
         self._entries: Tensor | None = None
         self._entry_identity = np.empty(0, dtype=np.int64)
         self._image_ids: np.ndarray | None = None
         self.identities = np.empty(0, dtype=np.int64)
         self.template: Template = "none"
+        # Entries are stored sorted by (images per identity, identity), so that the best score
+        # of each identity is one reshape-and-max per group of equal-sized identities.
+        self._groups: list[tuple[int, int, int]] = []  # (first entry, end entry, images each)
+        self._identity_column = np.empty(0, dtype=np.int64)  # identity -> column of identity scores
+        self._enrol_position = np.empty(0, dtype=np.int64)  # enrolled image i -> its entry
+        self._images: Tensor | None = None  # metric-space images, kept for mean templates only
+
+    def __repr__(self) -> str:
+        if self._entries is None:
+            return f"Gallery(metric={self.metric!r}, empty)"
+        e = self._entries
+        return (
+            f"Gallery(metric={self.metric!r}, template={self.template!r}, identities={self.num_identities}, "
+            f"entries={self.num_entries}, dim={e.shape[1]}, dtype={str(e.dtype).replace('torch.', '')}, "
+            f"device={e.device.type}, image_ids={'yes' if self._image_ids is not None else 'no'})"
+        )
 
     # -- enrolment ---------------------------------------------------------------------------------
 
@@ -118,30 +157,54 @@ class Gallery:
         """
         emb = as_embeddings(embeddings, "embeddings")
         lab = as_labels(labels, emb.shape[0], "labels")
-        self.template = check_choice(template, "template", ("none", "mean"))  # type: ignore[assignment]
-        self._image_ids = (
-            None if image_ids is None else as_image_ids(image_ids, emb.shape[0], rows_name="embeddings")
-        )
-        if self._image_ids is not None:
-            unique_ids, id_counts = np.unique(self._image_ids, return_counts=True)
-            if (id_counts > 1).any():
-                raise ValueError(
-                    "image_ids must be unique within the gallery; "
-                    f"{unique_ids[id_counts > 1][:5].tolist()} repeat"
-                )
-        self.identities, identity = np.unique(lab, return_inverse=True)
+        template = check_choice(template, "template", ("none", "mean"))  # type: ignore[assignment]
+        ids = None if image_ids is None else as_image_ids(image_ids, emb.shape[0], rows_name="embeddings")
+        if ids is not None:
+            repeats = repeated_ids(ids)
+            if repeats:
+                raise ValueError(f"image_ids must be unique within the gallery; {repeats[:5]} repeat")
+        identities, identity = np.unique(lab, return_inverse=True)
+        identity = identity.reshape(-1).astype(np.int64)
         emb = emb.to(working_dtype(emb.dtype))
-        if self.template == "mean":
+        self._images = None
+        if template == "mean":
             if self.metric == "cosine":
                 emb = l2_normalize(emb)
+            # The near-duplicate check compares probes with the enrolled *images*, not templates.
+            self._images = emb
             index = torch.from_numpy(identity).to(emb.device)
-            sums = torch.zeros(self.identities.size, emb.shape[1], dtype=emb.dtype, device=emb.device)
+            sums = torch.zeros(identities.size, emb.shape[1], dtype=emb.dtype, device=emb.device)
             sums.index_add_(0, index, emb)
-            counts = torch.bincount(index, minlength=self.identities.size).to(emb.dtype)
+            counts = torch.bincount(index, minlength=identities.size).to(emb.dtype)
             emb = sums / counts[:, None]
-            identity = np.arange(self.identities.size)
+            self._enrol_position = identity  # each image is represented by its identity's template
+            identity = np.arange(identities.size, dtype=np.int64)
+            self._groups = [(0, identities.size, 1)]
+            self._identity_column = np.arange(identities.size, dtype=np.int64)
+        else:
+            counts_np = np.bincount(identity, minlength=identities.size)
+            order = np.lexsort((identity, counts_np[identity]))  # by (images per identity, identity)
+            emb = emb[torch.from_numpy(order).to(emb.device)]
+            identity = identity[order]
+            self._enrol_position = np.empty_like(order)
+            self._enrol_position[order] = np.arange(order.size)
+            column_identity = np.lexsort((np.arange(identities.size), counts_np))
+            self._identity_column = np.empty_like(column_identity)
+            self._identity_column[column_identity] = np.arange(identities.size)
+            sizes = counts_np[column_identity]
+            change = np.flatnonzero(np.diff(sizes)) + 1
+            first_column = np.concatenate([[0], change])
+            end_column = np.concatenate([change, [identities.size]])
+            entry_edges = np.concatenate([[0], np.cumsum(sizes)])
+            self._groups = [
+                (int(entry_edges[a]), int(entry_edges[b]), int(sizes[a]))
+                for a, b in zip(first_column, end_column, strict=True)
+            ]
+        self.template = template
+        self.identities = identities
+        self._image_ids = ids
         self._entries = emb
-        self._entry_identity = identity.astype(np.int64)
+        self._entry_identity = identity
         return self
 
     @property
@@ -156,8 +219,14 @@ class Gallery:
 
     @property
     def labels(self) -> np.ndarray:
-        """The identity label of each gallery entry, shape (num_entries,)."""
-        return self.identities[self._entry_identity]
+        """The identity label of each gallery entry, shape (num_entries,).
+
+        In enrolment order for ``template="none"`` (one per enrolled image), and in
+        ascending label order for ``template="mean"`` (one per identity).
+        """
+        if self.template == "mean":
+            return self.identities.copy()
+        return self.identities[self._entry_identity[self._enrol_position]]
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -257,8 +326,10 @@ class Gallery:
     ) -> Report:
         """1:1 verification of every probe against every gallery entry.
 
-        Genuine pairs share an identity, impostor pairs do not; all ``n_probes ×
-        num_entries`` scores are held (as float32/float64 plus a boolean flag each).
+        Genuine pairs share an identity, impostor pairs do not. Computed exactly by
+        :func:`~embedkit.evaluation.verification.all_pairs_verification`: two passes over
+        the score blocks, holding one block and the genuine scores, never all ``n_probes ×
+        num_entries`` scores; the result equals ``verification_metrics`` on all of them.
 
         Parameters
         ----------
@@ -274,10 +345,11 @@ class Gallery:
         Returns
         -------
         Report
-            The report of :func:`~embedkit.evaluation.verification.verification_metrics`
+            The report of :func:`~embedkit.evaluation.verification.all_pairs_verification`
             (``"auc"``, ``"eer"``, ``"tar@far=..."``, ``"best_accuracy"``, ...), with the
-            probe and gallery sizes added to its counts and the raw scores added to its curves
-            (``"genuine_scores"``, ``"impostor_scores"``) for histograms.
+            probe and gallery sizes added to its counts; its curves hold the ROC, the genuine
+            scores (in the embeddings' precision) and exact genuine and impostor score
+            histograms (``"score_bin_edges"``, ``"genuine_histogram"``, ``"impostor_histogram"``).
         """
         return self.evaluate(
             probes,
@@ -351,9 +423,7 @@ class Gallery:
                     f"open-set identification needs mated and non-mated probes; got {n_mated} mated and "
                     f"{n_non_mated} non-mated (a probe is non-mated when its label is not enrolled)"
                 )
-        scan = self._scan(
-            p.to(self._entries.device), probe_identity, keep_pairs=verification, progress=progress
-        )
+        scan = self._scan(p.to(self._entries.device), probe_identity, keep_pairs=False, progress=progress)
 
         counts = {
             "probes": int(p.shape[0]),
@@ -363,14 +433,21 @@ class Gallery:
             "gallery_entries": self.num_entries,
         }
         notes = []
-        if self.metric == "cosine":
-            near = int((scan.best_score >= _NEAR_DUPLICATE).sum())
-            counts["near_duplicate_probes"] = near
-            if near:
-                notes.append(
-                    f"{near} probes have a gallery entry with cosine >= {_NEAR_DUPLICATE}: probably the same "
-                    "image enrolled and probed, which measures memorisation, not recognition (pass image_ids)"
-                )
+        nearest_ratio = scan.nearest_ratio
+        if self._images is not None:  # mean templates: compare with the enrolled images themselves
+            nearest_ratio = self._nearest_image_ratio(p.to(self._images.device))
+        near = int((nearest_ratio <= _NEAR_DUPLICATE_DISTANCE**2).sum())
+        counts["near_duplicate_probes"] = near
+        if near:
+            closeness = (
+                f"cosine >= {_NEAR_DUPLICATE}"
+                if self.metric == "cosine"
+                else f"distance <= {_NEAR_DUPLICATE_DISTANCE:.4f} x the probe's norm"
+            )
+            notes.append(
+                f"{near} probes have an enrolled image with {closeness}: probably the same image enrolled "
+                "and probed, which measures memorisation, not recognition (pass image_ids to find them)"
+            )
         if image_ids is None or self._image_ids is None:
             notes.append(
                 "image ids not given for both sides: disjointness of gallery and probe images unchecked"
@@ -382,20 +459,23 @@ class Gallery:
         if open_set:
             reports["open_set"] = self._open_set_report(scan, mated, fpir_targets, counts, notes)
         if verification:
-            assert scan.pair_scores is not None
-            genuine = self._entry_identity[None, :] == probe_identity[:, None]
-            scores, genuine = scan.pair_scores.ravel(), genuine.ravel()
-            base = verification_metrics(scores, genuine, far_targets=far_targets)
+            # Exact, in bounded memory: never a probes x entries matrix (see all_pairs_verification).
+            base = _all_pairs_report(
+                p.to(self._entries.device),
+                probe_identity,
+                self._entries,
+                self._entry_identity,
+                metric=self.metric,
+                far_targets=far_targets,
+                chunk_size=self.chunk_size,
+                progress=progress,
+            )
             reports["verification"] = Report(
                 title=f"verification (probe vs gallery {'template' if self.template == 'mean' else 'image'})",
                 metrics=base.metrics,
                 counts={**base.counts, **counts},
                 notes=[*base.notes, *notes],
-                curves={
-                    **base.curves,
-                    "genuine_scores": scores[genuine],
-                    "impostor_scores": scores[~genuine],
-                },
+                curves=base.curves,
             )
         return reports
 
@@ -404,47 +484,98 @@ class Gallery:
     def _check_disjoint(self, probe_ids: np.ndarray) -> None:
         if self._image_ids is None:
             return
-        shared = np.intersect1d(self._image_ids, probe_ids)
-        if shared.size:
-            shown = ", ".join(repr(v) for v in shared[:5].tolist()) + (", ..." if shared.size > 5 else "")
+        shared = shared_ids(self._image_ids, probe_ids)
+        if shared:
+            shown = ", ".join(repr(v) for v in shared[:5]) + (", ..." if len(shared) > 5 else "")
             raise ValueError(
-                f"{shared.size} image id(s) are both enrolled in the gallery and used as probes: {shown}. "
+                f"{len(shared)} image id(s) are both enrolled in the gallery and used as probes: {shown}. "
                 "A probe compared with its own gallery image measures memorisation of the pair, not "
                 "recognition; enrol and probe disjoint images"
             )
 
+    def _block_rows(self, device: torch.device) -> int:
+        if self.chunk_size is not None:
+            return self.chunk_size
+        # 128 MiB blocks: measured at 1e5 entries x 1e4 probes (1,000 identities), an 8 MiB,
+        # cache-sized block was 2x slower overall (per-block overhead of the identity groups).
+        return rows_per_block(self.num_entries, budget=BLOCK_BYTES)
+
+    def _identity_scores(self, block: Tensor) -> Tensor:
+        """Per-identity scores ``(rows, C)`` of a block of entry scores ``(rows, num_entries)``.
+
+        Columns follow ``self._identity_column``. Identities with ``m`` images each sit in one
+        contiguous run of entries, so their best image is a max over a ``(rows, ·, m)`` view.
+        """
+        if len(self._groups) == 1 and self._groups[0][2] == 1:
+            return block
+        c = block.shape[0]
+        parts = [
+            block[:, a:b] if m == 1 else block[:, a:b].unflatten(1, ((b - a) // m, m)).amax(dim=2)
+            for a, b, m in self._groups
+        ]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].reshape(c, -1)
+
+    def _nearest_image_ratio(self, probes: Tensor) -> np.ndarray:
+        """Squared distance from each probe to its nearest enrolled image, over its squared norm.
+
+        In metric space (probes L2-normalised for cosine); one exact k=1 search of the images.
+        """
+        assert self._images is not None
+        q = l2_normalize(probes.to(self._images.dtype)) if self.metric == "cosine" else probes
+        q = q.to(self._images.dtype)
+        scores, _ = search_checked(q, self._images, 1, metric="squared_euclidean")
+        distance_sq = -(to_numpy(scores) if isinstance(scores, Tensor) else scores)[:, 0].astype(np.float64)
+        return _relative(distance_sq, to_numpy(q.double().pow(2).sum(dim=1)))
+
     def _scan(self, probes: Tensor, probe_identity: np.ndarray, *, keep_pairs: bool, progress: bool) -> _Scan:
         assert self._entries is not None
-        device = self._entries.device
-        n_ids = self.num_identities
-        entry_identity = torch.from_numpy(self._entry_identity).to(device)
-        best = np.empty(probes.shape[0])
-        true = np.full(probes.shape[0], np.nan)
-        rank = np.zeros(probes.shape[0], dtype=np.int64)
-        pairs = np.empty((probes.shape[0], self.num_entries), dtype=np.float32) if keep_pairs else None
-        with progress_bar(probes.shape[0], "gallery search", progress) as update:
+        entries = self._entries
+        device = entries.device
+        n = probes.shape[0]
+        true_column = torch.from_numpy(self._identity_column[np.maximum(probe_identity, 0)]).to(device)
+        is_mated = torch.from_numpy(probe_identity >= 0).to(device)
+        best = np.empty(n)
+        true = np.full(n, np.nan)
+        rank = np.zeros(n, dtype=np.int64)
+        nearest = np.full(n, np.nan)
+        probe_sq = to_numpy(probes.double().pow(2).sum(dim=1))
+        entry_sq = entries.pow(2).sum(dim=1) if self.metric == "dot" else None
+        scan_images = self._images is None  # the entries are the images: nearest image comes free
+        pairs = np.empty((n, self.num_entries), dtype=to_numpy(entries[:0]).dtype) if keep_pairs else None
+        with progress_bar(n, "gallery search", progress) as update:
             for start, block in similarity_blocks(
-                probes, self._entries, metric=self.metric, chunk_size=self.chunk_size
+                probes, entries, metric=self.metric, chunk_size=self._block_rows(device)
             ):
                 c = block.shape[0]
+                rows = slice(start, start + c)
                 if pairs is not None:
-                    pairs[start : start + c] = to_numpy(block)
-                if self.template == "mean":
-                    per_identity = block
-                else:
-                    per_identity = torch.full((c, n_ids), -torch.inf, dtype=block.dtype, device=device)
-                    per_identity.scatter_reduce_(1, entry_identity.expand(c, -1), block, reduce="amax")
-                best[start : start + c] = to_numpy(per_identity.max(dim=1).values)
-                ids = probe_identity[start : start + c]
-                is_mated = torch.from_numpy(ids >= 0).to(device)
-                safe = torch.from_numpy(np.maximum(ids, 0)).to(device)
-                true_score = per_identity.gather(1, safe[:, None])
-                true_rank = (per_identity >= true_score).sum(dim=1)
-                true[start : start + c] = np.where(ids >= 0, to_numpy(true_score[:, 0]), np.nan)
-                rank[start : start + c] = to_numpy(torch.where(is_mated, true_rank, 0))
+                    pairs[rows] = to_numpy(block)
+                per_identity = self._identity_scores(block)
+                top = per_identity.max(dim=1).values
+                best[rows] = to_numpy(top)
+                true_score = per_identity.gather(1, true_column[rows, None])
+                true_rank = (per_identity >= true_score).sum(dim=1)  # ties counted against the probe
+                mated_rows = probe_identity[rows] >= 0
+                true[rows] = np.where(mated_rows, to_numpy(true_score[:, 0]), np.nan)
+                rank[rows] = to_numpy(torch.where(is_mated[rows], true_rank, 0))
+                if scan_images:
+                    nearest[rows] = self._nearest_from_block(block, top, entry_sq, probe_sq[rows])
                 if update is not None:
                     update(c)
-        return _Scan(best_score=best, true_score=true, rank=rank, pair_scores=pairs)
+        return _Scan(best_score=best, true_score=true, rank=rank, pair_scores=pairs, nearest_ratio=nearest)
+
+    def _nearest_from_block(
+        self, block: Tensor, top: Tensor, entry_sq: Tensor | None, probe_sq: np.ndarray
+    ) -> np.ndarray:
+        """Relative squared distance to the nearest image from a block of image scores."""
+        if self.metric == "cosine":  # unit vectors: ||p - x||^2 = 2 - 2 cos
+            return np.maximum(2.0 - 2.0 * to_numpy(top).astype(np.float64), 0.0)
+        if self.metric == "dot":  # the best dot product is not the nearest image: ||x||^2 - 2 p.x
+            assert entry_sq is not None
+            closest = to_numpy((entry_sq[None, :] - 2.0 * block).amin(dim=1)).astype(np.float64)
+            return _relative(np.maximum(probe_sq + closest, 0.0), probe_sq)
+        distance = -to_numpy(top).astype(np.float64)  # the best score is the nearest image
+        return _relative(distance**2 if self.metric == "euclidean" else distance, probe_sq)
 
     def _identification_report(
         self,
@@ -488,32 +619,58 @@ class Gallery:
         non_mated_desc = np.sort(scan.best_score[~mated])[::-1]
         # Mated probes identified at rank 1, by score (ascending) for counting above a threshold.
         hits_sorted = np.sort(scan.true_score[mated & (scan.rank == 1)])
+        observed = np.unique(scan.best_score)  # every probe's best score, ascending
         metrics: dict[str, float | Rate] = {}
         own_notes = list(notes)
         for f in fpir_targets:
             allowed = int(np.floor(f * n_non))
             if (allowed + 1) / n_non <= f:  # floating-point floor, as FPIR itself is computed
                 allowed += 1
-            threshold = float(non_mated_desc[allowed]) if allowed < n_non else -np.inf
-            false_positive = int((non_mated_desc > threshold).sum())
-            detected = int(hits_sorted.size - np.searchsorted(hits_sorted, threshold, side="right"))
+            threshold = self._fpir_threshold(non_mated_desc, allowed, observed)
+            false_positive = int(n_non - np.searchsorted(non_mated_desc[::-1], threshold, side="left"))
+            detected = int(hits_sorted.size - np.searchsorted(hits_sorted, threshold, side="left"))
             chance = false_positive / n_non / self.num_identities
             metrics[fpir_key(f)] = Rate(detected, n_mated, chance)
             metrics[fpir_key(f, "fpir")] = Rate(false_positive, n_non, None)
             metrics[fpir_key(f, "threshold")] = threshold
-            if allowed == 0:
+            if allowed == 0:  # the one rule of TAR@FAR too: the value at measured FPIR 0, with a note
                 own_notes.append(
-                    f"FPIR target {f:g} is finer than 1/{n_non} non-mated probes: the threshold is set above "
-                    "every non-mated probe (measured FPIR 0); more non-mated probes are needed to measure it"
+                    unmeasurable_target_note(fpir_key(f), f, n_non, "non-mated probes", fpir_key(f, "fpir"))
                 )
-        # Curves at every threshold t_j = j-th highest non-mated score (ties make FPIR below j / n_non).
+        # Curves at every threshold t_j = j-th highest non-mated score, accepting scores >= t_j
+        # (ties make FPIR above j / n_non).
         non_mated_asc = non_mated_desc[::-1]
-        fpir = (n_non - np.searchsorted(non_mated_asc, non_mated_desc, side="right")) / n_non
-        detected_at = hits_sorted.size - np.searchsorted(hits_sorted, non_mated_desc, side="right")
+        fpir = (n_non - np.searchsorted(non_mated_asc, non_mated_desc, side="left")) / n_non
+        detected_at = hits_sorted.size - np.searchsorted(hits_sorted, non_mated_desc, side="left")
         return Report(
             title=f"open-set identification (template={self.template!r})",
             metrics=metrics,
             counts=dict(counts),
             notes=own_notes,
-            curves={"fpir": fpir, "dir": detected_at / n_mated},
+            curves={"fpir": fpir, "dir": detected_at / n_mated, "threshold": non_mated_desc.copy()},
         )
+
+    def _fpir_threshold(self, non_mated_desc: np.ndarray, allowed: int, observed: np.ndarray) -> float:
+        """The loosest threshold ``t`` (accept when score >= t) with at most ``allowed`` non-mated.
+
+        ``allowed == n_non``: the lowest observed score (everything is accepted). Otherwise ``t``
+        must lie above the ``allowed + 1``-th highest non-mated score ``s``: it is the lowest
+        observed score above ``s`` (so no observed score lies between), or, when no probe scores
+        above ``s``, the next representable score above it.
+        """
+        if allowed >= non_mated_desc.size:
+            return float(observed[0])
+        s = non_mated_desc[allowed]
+        above = np.searchsorted(observed, s, side="right")
+        if above < observed.size:
+            return float(observed[above])
+        assert self._entries is not None
+        dtype = to_numpy(self._entries[:0]).dtype
+        return float(np.nextafter(dtype.type(s), dtype.type(np.inf)))
+
+
+def _relative(distance_sq: np.ndarray, norm_sq: np.ndarray) -> np.ndarray:
+    """``distance² / norm²``; 0 for an exact match of a zero vector, ``inf`` for a near miss of one."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = distance_sq / norm_sq
+    return np.where(norm_sq > 0, ratio, np.where(distance_sq > 0, np.inf, 0.0))

@@ -39,19 +39,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import gammaln
 from torch import Tensor
 
-from .._checks import check_choice, check_ks, check_matching_dim
+from .._checks import check_choice, check_int, check_ks, check_matching_dim
 from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
-from ._inputs import as_embeddings, as_labels, progress_bar, to_numpy
+from ._inputs import as_embeddings, as_image_ids, as_labels, progress_bar, repeated_ids, shared_ids, to_numpy
 from .report import Rate, Report
-from .search import Backend, search_checked
+from .search import APPROXIMATE_BACKENDS, Backend, recall_against_exact, resolve_backend, search_checked
 
 __all__ = ["average_precision_full", "hit_chance", "retrieval_metrics"]
 
 # Query rows per block when turning neighbour labels into metrics (bounds temporaries).
 _METRIC_ROWS = 16384
+
+# The near-duplicate test of the gallery (see gallery.py): cosine >= 0.9999, or in general
+# ||q - r|| <= sqrt(2 * (1 - 0.9999)) * ||q|| on the vectors the metric compares.
+_NEAR_DUPLICATE = 0.9999
+_NEAR_DUPLICATE_DISTANCE = float(np.sqrt(2.0 * (1.0 - _NEAR_DUPLICATE)))
 
 
 def retrieval_metrics(
@@ -64,6 +68,8 @@ def retrieval_metrics(
     metric: Metric = "cosine",
     backend: Backend = "auto",
     compute_map: bool = True,
+    image_ids: Any = None,
+    reference_image_ids: Any = None,
     chunk_size: int | None = None,
     progress: bool = False,
 ) -> Report:
@@ -90,6 +96,13 @@ def retrieval_metrics(
         on torch, on the queries' device.
     compute_map : bool
         Compute ``"map"`` over the full ranking (an extra pass; see the module notes).
+    image_ids : sequence of shape (n_queries,), optional
+        Source image of each query (file names or integer ids, compared by value and type).
+        With ``reference=None`` a repeated id is an error (the same image would be found as
+        its own neighbour); with a reference set, an id that is also in
+        ``reference_image_ids`` is an error.
+    reference_image_ids : sequence of shape (n_reference,), optional
+        Source image of each reference; only with ``reference``.
     chunk_size : int, optional
         Query rows per block of scores on the torch paths.
     progress : bool
@@ -106,7 +119,11 @@ def retrieval_metrics(
         ``R / n`` per query for precision@1 and precision@k (``n`` references available to
         the query), the exact hypergeometric ``1 - C(n-R, k) / C(n, k)`` for recall@k,
         each averaged over the evaluated queries; the chance R-precision (also the mean
-        ``R / n``) is given in a note.
+        ``R / n``) is given in a note. ``counts["near_duplicate_queries"]`` counts queries
+        with a returned reference that is almost surely the same image (cosine >= 0.9999, or a
+        distance at most 0.0141 × the query's norm), named in a note. With an approximate
+        ``backend``, ``"search_recall"`` is the share of the exact neighbours the index
+        returned, measured on a sample of 1,000 queries, with a note.
 
     Raises
     ------
@@ -134,6 +151,8 @@ def retrieval_metrics(
         r_labels = as_labels(reference_labels, ref.shape[0], "reference_labels", rows_name="reference")
     ks = check_ks(ks)
     check_choice(metric, "metric", METRICS)
+    chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
+    ids_checked = _check_image_ids(image_ids, reference_image_ids, q.shape[0], ref.shape[0], self_mode)
 
     # Compact class ids: vectorised counting without Python loops over labels.
     classes, inverse = np.unique(np.concatenate([q_labels, r_labels]), return_inverse=True)
@@ -149,7 +168,7 @@ def retrieval_metrics(
         )
     depth = min(available, max(int(relevant.max()), ks[-1]))
 
-    _, indices = search_checked(
+    scores, indices = search_checked(
         q,
         None if self_mode else ref,
         depth,
@@ -160,6 +179,14 @@ def retrieval_metrics(
         progress=progress,
     )
     indices = to_numpy(indices) if isinstance(indices, Tensor) else indices
+    top_score = to_numpy(scores[:, 0]) if isinstance(scores, Tensor) else scores[:, 0]
+    near_duplicates = _near_duplicate_queries(q, ref, top_score, indices, metric)
+    del scores
+    search_recall = None
+    if resolve_backend(backend, q, ref) in APPROXIMATE_BACKENDS:
+        search_recall = recall_against_exact(
+            q, None if self_mode else ref, indices, metric=metric, chunk_size=chunk_size
+        )
 
     n_eval = evaluated.size
     r_eval = relevant[evaluated]
@@ -178,6 +205,13 @@ def retrieval_metrics(
     for k in ks:
         metrics[f"precision@{k}"] = Rate(int(sums[f"hits@{k}"]), k * n_eval, float(p_random.mean()))
     notes = []
+    if search_recall is not None:
+        metrics["search_recall"] = search_recall[0]
+        notes.append(
+            f"backend {backend!r} is approximate: on {search_recall[1]} sampled queries it returned "
+            f"{100 * search_recall[0]:.1f}% of the exact top-{depth} neighbours (search_recall); "
+            "every metric above is that of the approximate ranking"
+        )
     if ks[-1] > available:
         notes.append(
             f"only {available} references are available per query, fewer than k={ks[-1]}: precision@k still "
@@ -190,7 +224,19 @@ def retrieval_metrics(
         "queries_without_relevant": int(q.shape[0] - n_eval),
         "classes": int(np.count_nonzero(np.bincount(q_ids))),
         "search_depth": int(depth),
+        "near_duplicate_queries": near_duplicates,
     }
+    if near_duplicates:
+        notes.append(
+            f"{near_duplicates} queries have a near-identical reference among their results "
+            f"(cosine >= {_NEAR_DUPLICATE}, or "
+            f"distance <= {_NEAR_DUPLICATE_DISTANCE:.4f} x the query's norm): probably the same image on "
+            "both sides, which measures memorisation, not retrieval (pass image_ids to find them)"
+        )
+    if not ids_checked and not self_mode:
+        notes.append(
+            "image ids not given for both sides: disjointness of query and reference images unchecked"
+        )
     if compute_map:
         ap = average_precision_full(
             q[torch.from_numpy(evaluated).to(q.device)],
@@ -221,6 +267,72 @@ def retrieval_metrics(
     return Report(
         title="retrieval", metrics=metrics, counts=counts, notes=notes, curves={"cmc": cmc_hits / n_eval}
     )
+
+
+def _check_image_ids(
+    image_ids: Any, reference_image_ids: Any, n_queries: int, n_reference: int, self_mode: bool
+) -> bool:
+    """Refuse an image on both sides of the retrieval; True when the ids allowed a full check."""
+    if self_mode:
+        if reference_image_ids is not None:
+            raise ValueError("reference_image_ids were given without reference; use image_ids alone")
+        if image_ids is None:
+            return False
+        ids = as_image_ids(image_ids, n_queries, "image_ids", rows_name="queries")
+        repeats = repeated_ids(ids)
+        if repeats:
+            shown = ", ".join(repr(v) for v in repeats[:5]) + (", ..." if len(repeats) > 5 else "")
+            raise ValueError(
+                f"{len(repeats)} image id(s) occur more than once among the queries: {shown}. With "
+                "reference=None every query is searched among the others, so a repeated image would be "
+                "found as its own neighbour; keep one embedding per image"
+            )
+        return True
+    q_ids = (
+        None if image_ids is None else as_image_ids(image_ids, n_queries, "image_ids", rows_name="queries")
+    )
+    r_ids = (
+        None
+        if reference_image_ids is None
+        else as_image_ids(reference_image_ids, n_reference, "reference_image_ids", rows_name="reference")
+    )
+    if q_ids is None or r_ids is None:
+        return False
+    shared = shared_ids(q_ids, r_ids)
+    if shared:
+        shown = ", ".join(repr(v) for v in shared[:5]) + (", ..." if len(shared) > 5 else "")
+        raise ValueError(
+            f"{len(shared)} image id(s) are both queries and references: {shown}. A query that retrieves "
+            "its own image measures memorisation, not retrieval; use disjoint images"
+        )
+    return True
+
+
+def _near_duplicate_queries(
+    q: Tensor, ref: Tensor, top_score: np.ndarray, indices: np.ndarray, metric: str
+) -> int:
+    """Queries with a returned reference that is almost surely the same image.
+
+    The test of :class:`~embedkit.evaluation.gallery.Gallery`: ``||q - r|| <= 0.0141 ||q||`` on
+    the vectors the metric compares (cosine >= 0.9999 for unit vectors). For cosine and the
+    euclidean metrics the top reference is the nearest one, and its score gives the distance;
+    under ``"dot"`` it need not be, so the distance to every returned reference is computed.
+    """
+    top = top_score.astype(np.float64)
+    if metric == "cosine":
+        return int((top >= _NEAR_DUPLICATE).sum())
+    norm_sq = to_numpy(q.double().pow(2).sum(dim=1))
+    if metric == "dot":
+        distance_sq = np.empty(q.shape[0])
+        step = max(1, rows_per_block(indices.shape[1] * q.shape[1], bytes_per_entry=8))
+        for start in range(0, q.shape[0], step):
+            found = torch.from_numpy(indices[start : start + step]).to(ref.device)
+            gap = ref[found].double() - q[start : start + step, None, :].double()  # (rows, depth, d)
+            distance_sq[start : start + step] = to_numpy(gap.pow(2).sum(dim=2).amin(dim=1))
+    else:
+        distance_sq = top**2 if metric == "euclidean" else -top
+    limit = _NEAR_DUPLICATE_DISTANCE**2 * norm_sq
+    return int(((distance_sq <= limit) & ((norm_sq > 0) | (distance_sq == 0))).sum())
 
 
 def _neighbour_sums(
@@ -271,6 +383,9 @@ def hit_chance(relevant: np.ndarray, available: int, k: int) -> np.ndarray:
     -------
     ndarray of shape (n_queries,)
     """
+    # Imported here: scipy.special adds about 0.3 s to `import embedkit`.
+    from scipy.special import gammaln
+
     n = float(available)
     k = min(k, available)
     misses = n - relevant.astype(np.float64)

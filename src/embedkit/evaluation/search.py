@@ -30,17 +30,48 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_int, check_matching_dim
-from ..similarity import METRICS, Metric, chunked_topk, l2_normalize, rows_per_block
+from .._checks import check_bool, check_choice, check_int, check_matching_dim
+from ..similarity import METRICS, Metric, chunked_topk, l2_normalize, rows_per_block, similarity_blocks
 from ._inputs import as_embeddings, progress_bar, to_numpy
 
-__all__ = ["BACKENDS", "Backend", "faiss_available", "knn", "resolve_backend"]
+__all__ = [
+    "APPROXIMATE_BACKENDS",
+    "BACKENDS",
+    "Backend",
+    "faiss_available",
+    "knn",
+    "recall_against_exact",
+    "resolve_backend",
+]
 
 Backend = Literal["auto", "faiss", "faiss-ivf", "faiss-hnsw", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "faiss", "faiss-ivf", "faiss-hnsw", "torch")
+APPROXIMATE_BACKENDS: tuple[str, ...] = ("faiss-ivf", "faiss-hnsw")
 
 # Queries per FAISS call when a progress bar is shown (FAISS blocks internally anyway).
 _FAISS_QUERY_BLOCK = 4096
+
+# An approximate index left at its defaults is tuned to this recall of the exact top-k, on
+# this many queries (a fixed, seeded sample): the cheapest nprobe / ef_search that reaches it.
+TARGET_RECALL = 0.95
+_CALIBRATION_QUERIES = 256
+
+
+def default_nlist(n_reference: int) -> int:
+    """Inverted lists of ``"faiss-ivf"`` for ``n_reference`` vectors.
+
+    ``4·√n``, but at most ``n / 39``: FAISS's k-means wants 39 training points per list.
+    """
+    return max(1, min(int(4 * np.sqrt(n_reference)), n_reference // 39))
+
+
+def default_ef_construction(hnsw_m: int) -> int:
+    """Build-time breadth of ``"faiss-hnsw"``: FAISS's own default, 40.
+
+    The measured table in the evaluation guide: 128 doubled the build time for a gain in
+    recall that a larger ``ef_search`` buys more cheaply.
+    """
+    return 40
 
 
 def faiss_available() -> bool:
@@ -81,8 +112,8 @@ def resolve_backend(backend: str, *tensors: Tensor) -> str:
 
 def knn(
     queries: Any,
-    reference: Any,
-    k: int,
+    reference: Any = None,
+    k: int = 1,
     *,
     metric: Metric = "cosine",
     backend: Backend = "auto",
@@ -91,6 +122,7 @@ def knn(
     nlist: int | None = None,
     nprobe: int | None = None,
     hnsw_m: int = 32,
+    ef_construction: int | None = None,
     ef_search: int | None = None,
     progress: bool = False,
 ) -> tuple[Any, Any]:
@@ -119,11 +151,17 @@ def knn(
         Query rows per block on the torch path (default: as many as fit in 128 MiB of
         scores). FAISS manages its own blocks.
     nlist, nprobe : int, optional
-        ``"faiss-ivf"`` only: inverted lists (default ``4·√n_reference``) and lists visited
-        per query (default ``max(1, nlist // 8)``).
-    hnsw_m, ef_search : int, optional
-        ``"faiss-hnsw"`` only: graph degree (default 32) and search breadth (default
-        ``max(64, 2k)``).
+        ``"faiss-ivf"`` only: inverted lists (default ``4·√n_reference``, at most
+        ``n_reference / 39``) and lists visited per query (default: calibrated, see below).
+    hnsw_m, ef_construction, ef_search : int, optional
+        ``"faiss-hnsw"`` only: graph degree (default 32), build breadth (default 40) and
+        search breadth (default: calibrated).
+
+        A calibrated default is the cheapest value among ``1, 2, 4, ...`` (``nprobe``) or
+        ``max(16, k), 2·max(16, k), ...`` (``ef_search``) whose recall of the exact top-``k``
+        reaches :data:`TARGET_RECALL` (0.95) on a seeded sample of 256 queries, measured
+        against a brute-force search; the table behind this choice is in the evaluation
+        guide. Recall on other queries can be lower; :func:`recall_against_exact` measures it.
     progress : bool
         Show a progress bar (tqdm when installed, otherwise plain lines on stderr).
 
@@ -147,12 +185,28 @@ def knn(
     ref = q if reference is None else as_embeddings(reference, "reference")
     check_matching_dim(q, ref, "queries", "reference")
     check_choice(metric, "metric", METRICS)
+    exclude_self = check_bool(exclude_self, "exclude_self")
     if exclude_self and ref.shape[0] != q.shape[0]:
         raise ValueError(
             "exclude_self=True means query i is reference i, so both need the same number of rows; "
             f"got {q.shape[0]} queries and {ref.shape[0]} references"
         )
-    check_int(k, "k", low=1, high=ref.shape[0] - int(exclude_self))
+    if exclude_self and ref.shape[0] < 2:
+        raise ValueError(
+            f"exclude_self=True leaves no neighbour to return: the set has {ref.shape[0]} embedding(s), "
+            "and each query may not find itself; at least two are needed"
+        )
+    # The checked values (plain ints) are used from here on: numpy integers from a config
+    # or an array would otherwise reach FAISS and torch as they came.
+    k = check_int(k, "k", low=1, high=ref.shape[0] - int(exclude_self))
+    chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
+    nlist = None if nlist is None else check_int(nlist, "nlist", low=1, high=ref.shape[0])
+    nprobe = None if nprobe is None else check_int(nprobe, "nprobe", low=1)
+    hnsw_m = check_int(hnsw_m, "hnsw_m", low=2)
+    ef_construction = (
+        None if ef_construction is None else check_int(ef_construction, "ef_construction", low=1)
+    )
+    ef_search = None if ef_search is None else check_int(ef_search, "ef_search", low=k + 1)
     scores, indices = search_checked(
         q,
         None if reference is None else ref,
@@ -164,6 +218,7 @@ def knn(
         nlist=nlist,
         nprobe=nprobe,
         hnsw_m=hnsw_m,
+        ef_construction=ef_construction,
         ef_search=ef_search,
         progress=progress,
     )
@@ -188,6 +243,7 @@ def search_checked(
     nlist: int | None = None,
     nprobe: int | None = None,
     hnsw_m: int = 32,
+    ef_construction: int | None = None,
     ef_search: int | None = None,
     progress: bool = False,
 ) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
@@ -221,6 +277,7 @@ def search_checked(
             nlist=nlist,
             nprobe=nprobe,
             hnsw_m=hnsw_m,
+            ef_construction=ef_construction,
             ef_search=ef_search,
             callback=update,
         )
@@ -254,6 +311,7 @@ def _faiss_search(
     nlist: int | None,
     nprobe: int | None,
     hnsw_m: int,
+    ef_construction: int | None,
     ef_search: int | None,
     callback: Callable[[int], None] | None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -264,57 +322,202 @@ def _faiss_search(
     n_ref, d = ref_np.shape
     inner_product = metric in ("cosine", "dot")
     faiss_metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2
+    depth = k + int(exclude_self)
     index: Any
+    tune: tuple[Callable[[int], None], list[int]] | None = None  # (setter, candidates) to calibrate
     if index_kind == "faiss":
         index = faiss.IndexFlatIP(d) if inner_product else faiss.IndexFlatL2(d)
     elif index_kind == "faiss-ivf":
-        lists = check_int(
-            nlist if nlist is not None else max(1, int(4 * np.sqrt(n_ref))), "nlist", low=1, high=n_ref
-        )
+        lists = check_int(nlist if nlist is not None else default_nlist(n_ref), "nlist", low=1, high=n_ref)
         quantizer = faiss.IndexFlatIP(d) if inner_product else faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, lists, faiss_metric)
         index.train(ref_np)
-        index.nprobe = check_int(
-            nprobe if nprobe is not None else max(1, lists // 8), "nprobe", low=1, high=lists
-        )
+        if nprobe is not None:
+            index.nprobe = check_int(nprobe, "nprobe", low=1, high=lists)
+        else:
+            tune = (lambda v: setattr(index, "nprobe", v), _doublings(1, lists))
     else:
         index = faiss.IndexHNSWFlat(d, check_int(hnsw_m, "hnsw_m", low=2), faiss_metric)
-        index.hnsw.efSearch = check_int(
-            ef_search if ef_search is not None else max(64, 2 * k), "ef_search", low=k + 1
+        index.hnsw.efConstruction = check_int(
+            ef_construction if ef_construction is not None else default_ef_construction(hnsw_m),
+            "ef_construction",
+            low=1,
         )
+        if ef_search is not None:
+            index.hnsw.efSearch = check_int(ef_search, "ef_search", low=k + 1)
+        else:
+            tune = (
+                lambda v: setattr(index.hnsw, "efSearch", v),
+                _doublings(max(16, depth), max(4096, 4 * depth)),
+            )
     index.add(ref_np)
+    if tune is not None:
+        _calibrate(index, *tune, q_np, ref_np, depth, faiss_metric, same and exclude_self)
     del ref_np  # the index holds its own copy; ours (normalised) is freed unless it is q_np
-    depth = k + int(exclude_self)
-    step = q_np.shape[0] if callback is None else _FAISS_QUERY_BLOCK
-    parts = []
-    for start in range(0, q_np.shape[0], step):
-        parts.append(index.search(q_np[start : start + step], depth))
+    n_q = q_np.shape[0]
+    # FAISS writes straight into the final arrays (no per-block results to concatenate);
+    # with exclude_self each block goes through one block-sized buffer one column deeper.
+    scores = np.empty((n_q, k), dtype=np.float32)
+    indices = np.empty((n_q, k), dtype=np.int64)
+    step = min(max(n_q, 1), _FAISS_QUERY_BLOCK) if exclude_self or callback is not None else max(n_q, 1)
+    if exclude_self:
+        block_scores = np.empty((step, depth), dtype=np.float32)
+        block_indices = np.empty((step, depth), dtype=np.int64)
+    missing = 0
+    for start in range(0, n_q, step):
+        stop = min(start + step, n_q)
+        if exclude_self:
+            s, i = block_scores[: stop - start], block_indices[: stop - start]
+        else:
+            s, i = scores[start:stop], indices[start:stop]
+        index.search(q_np[start:stop], depth, D=s, I=i)
+        missing += int((i < 0).any(axis=1).sum())
+        if exclude_self:
+            _drop_self(s, i, np.arange(start, stop), out=(scores[start:stop], indices[start:stop]))
         if callback is not None:
-            callback(min(step, q_np.shape[0] - start))
-    scores = np.concatenate([p[0] for p in parts])
-    indices = np.concatenate([p[1] for p in parts]).astype(np.int64, copy=False)
-    missing = int((indices < 0).any(axis=1).sum())
+            callback(stop - start)
     if missing:
         raise ValueError(
             f"the {index_kind!r} index found fewer than {depth} neighbours for {missing} queries; "
             "raise nprobe / ef_search, or use the exact backend='faiss'"
         )
-    if exclude_self:
-        scores, indices = _drop_self(scores, indices)
-    if not inner_product:
-        scores = -(np.sqrt(np.maximum(scores, 0.0)) if metric == "euclidean" else scores)
-    return np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(indices)
+    if not inner_product:  # FAISS gives squared distances; the library's scores are similarities
+        if metric == "euclidean":
+            np.sqrt(np.maximum(scores, 0.0, out=scores), out=scores)
+        np.negative(scores, out=scores)
+    return scores, indices
 
 
-def _drop_self(scores: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query's own index from a search one deeper than asked.
+def _drop_self(
+    scores: np.ndarray, indices: np.ndarray, own: np.ndarray, *, out: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """Remove each query's own index from a search one deeper than asked, into ``out``.
 
-    Where the query's index is absent (many exact duplicates tied ahead of it), the last
-    result goes instead: the remaining ``k`` are still a correct top-``k`` of the others.
+    ``own[r]`` is the index of row ``r``'s query in the reference set. Where it is absent
+    (many exact duplicates tied ahead of it), the last result goes instead: the remaining
+    ``k`` are still a correct top-``k`` of the others.
     """
     n, depth = indices.shape
-    is_self = indices == np.arange(n)[:, None]
+    is_self = indices == own[:, None]
     is_self[~is_self.any(axis=1), depth - 1] = True
-    # Several hits of the same index cannot happen in one row; keep the first k survivors.
+    # One index cannot appear twice in a row, so every row keeps exactly depth - 1 results.
     keep = ~is_self
-    return scores[keep].reshape(n, depth - 1), indices[keep].reshape(n, depth - 1)
+    out[0][...] = scores[keep].reshape(n, depth - 1)
+    out[1][...] = indices[keep].reshape(n, depth - 1)
+
+
+def _doublings(low: int, high: int) -> list[int]:
+    """``low, 2·low, 4·low, ...`` below ``high``, then ``high`` itself."""
+    values = [low]
+    while values[-1] * 2 < high:
+        values.append(values[-1] * 2)
+    return [*values, high] if high > low else values[:1]
+
+
+def _calibrate(
+    index: Any,
+    set_value: Callable[[int], None],
+    candidates: list[int],
+    q_np: np.ndarray,
+    ref_np: np.ndarray,
+    depth: int,
+    faiss_metric: int,
+    exclude_self: bool,
+) -> int:
+    """Set the cheapest candidate whose recall of the exact top-``depth`` reaches TARGET_RECALL.
+
+    Measured on a seeded sample of queries against ``faiss.knn`` (brute force); the last
+    candidate is kept when none reaches it. With ``exclude_self`` the sampled query's own
+    index is removed from both result lists before they are compared.
+    """
+    import faiss
+
+    n_q = q_np.shape[0]
+    rows = np.sort(np.random.default_rng(0).permutation(n_q)[: min(n_q, _CALIBRATION_QUERIES)])
+    sample = np.ascontiguousarray(q_np[rows])
+    exact_scores, exact = faiss.knn(sample, ref_np, depth, metric=faiss_metric)
+    k = depth - int(exclude_self)
+    if exclude_self:
+        trimmed = (np.empty((rows.size, k), np.float32), np.empty((rows.size, k), np.int64))
+        _drop_self(exact_scores, exact, rows, out=trimmed)
+        exact = trimmed[1]
+    for value in candidates:
+        set_value(value)
+        found_scores, found = index.search(sample, depth)
+        if (found < 0).any():
+            continue  # too few neighbours found: never good enough
+        if exclude_self:
+            trimmed = (np.empty((rows.size, k), np.float32), np.empty((rows.size, k), np.int64))
+            _drop_self(found_scores, found, rows, out=trimmed)
+            found = trimmed[1]
+        if _overlap(found, exact) >= TARGET_RECALL:
+            return value
+    return candidates[-1]
+
+
+def _overlap(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each row of ``exact`` that the same row of ``found`` holds."""
+    hits = sum(np.intersect1d(a, b, assume_unique=True).size for a, b in zip(found, exact, strict=True))
+    return hits / exact.size
+
+
+def recall_against_exact(
+    queries: Tensor,
+    reference: Tensor | None,
+    indices: Tensor | np.ndarray,
+    *,
+    metric: Metric = "cosine",
+    sample: int = 1000,
+    seed: int = 0,
+    chunk_size: int | None = None,
+) -> tuple[float, int]:
+    """How much of the exact top-``k`` an approximate search returned, on a sample of queries.
+
+    The exact neighbours of up to ``sample`` queries (drawn without replacement with
+    ``seed``) are found with the chunked torch search; the recall is the share of them
+    that ``indices`` holds, averaged over the sampled queries. Neighbours tied in score
+    with the ``k``-th may be swapped by either search, so a recall just below 1 can be a
+    tie rather than a miss.
+
+    Parameters
+    ----------
+    queries : Tensor of shape (n_queries, d)
+    reference : Tensor of shape (n_reference, d), or None
+        ``None``: the queries searched among themselves, each excluded from its own results.
+    indices : ndarray or Tensor of shape (n_queries, k)
+        The approximate search's neighbours of every query.
+    metric : {"cosine", "dot", "euclidean", "squared_euclidean"}
+    sample : int
+        Queries checked (all of them when there are fewer).
+    seed : int
+        Seed of the sample.
+    chunk_size : int, optional
+        Query rows per block of the exact search.
+
+    Returns
+    -------
+    recall : float
+        Mean over the sampled queries of ``|approximate ∩ exact| / k``.
+    checked : int
+        Number of queries sampled.
+    """
+    found = to_numpy(indices) if isinstance(indices, Tensor) else np.asarray(indices)
+    n, k = found.shape
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[: min(n, check_int(sample, "sample", low=1))])
+    rows_t = torch.from_numpy(rows).to(queries.device)
+    ref = queries if reference is None else reference
+    q = queries[rows_t]
+    exact_parts = []
+    for start, block in similarity_blocks(q, ref, metric=metric, chunk_size=chunk_size):
+        if reference is None:  # each sampled query is excluded from its own results
+            own = rows_t[start : start + block.shape[0]]
+            block[torch.arange(block.shape[0], device=block.device), own] = -torch.inf
+        exact_parts.append(to_numpy(torch.topk(block, k, dim=1).indices))
+    exact = np.concatenate(exact_parts)
+    approx = found[rows]
+    hits = (
+        (approx[:, :, None] == exact[:, None, :]).any(axis=2).sum()
+        if k <= 64
+        else sum(np.intersect1d(a, b).size for a, b in zip(approx, exact, strict=True))
+    )
+    return float(hits / (rows.size * k)), int(rows.size)
