@@ -357,3 +357,21 @@ def test_numpy_integer_arguments(random_set) -> None:
     assert dict(a) == dict(b) == dict(c)
     with pytest.raises(TypeError, match="chunk_size"):
         retrieval_metrics(x, y, chunk_size=50.0)
+
+
+def test_string_labels_give_the_metrics_of_their_integer_codes() -> None:
+    gen = np.random.default_rng(3)
+    x = gen.normal(size=(60, 8)).astype(np.float32)
+    ref = gen.normal(size=(40, 8)).astype(np.float32)
+    y, ry = np.arange(60) % 6, np.arange(40) % 8
+    names = [f"person_{c}" for c in y]
+    ref_names = np.array([f"person_{c}" for c in ry], dtype=object)
+    by_codes = retrieval_metrics(x, y, ks=(1, 5))
+    by_names = retrieval_metrics(x, names, ks=(1, 5))
+    assert by_names.metrics == by_codes.metrics
+    against_codes = retrieval_metrics(x, y, ref, ry, ks=(1, 5))
+    against_names = retrieval_metrics(x, names, ref, ref_names, ks=(1, 5))
+    assert against_names.metrics == against_codes.metrics
+    # An integer and its string are different labels: nothing is relevant across the types.
+    with pytest.raises(ValueError, match="none of the 60 queries has a relevant reference"):
+        retrieval_metrics(x, y, ref, [str(c) for c in ry])

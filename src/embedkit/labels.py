@@ -11,7 +11,7 @@ function first.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Collection, Hashable
+from collections.abc import Collection, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._checks import as_label_array, describe
 
-__all__ = ["encode_labels"]
+__all__ = ["encode_label_sets", "encode_labels"]
 
 
 def encode_labels(
@@ -61,7 +61,7 @@ def encode_labels(
     --------
     >>> codes, classes = encode_labels(["bob", "alice", "bob"])
     >>> codes, classes
-    (array([1, 0, 1]), array(['alice', 'bob'], dtype='<U5'))
+    (array([1, 0, 1]), array(['alice', 'bob'], dtype=object))
     """
     if isinstance(labels, Tensor) or (isinstance(labels, np.ndarray) and labels.dtype.kind in "iufcb"):
         ints = as_label_array(labels, name, allow_empty=allow_empty)
@@ -95,15 +95,10 @@ def _as_array(labels: Collection[Any]) -> np.ndarray:
         array = np.empty(0, dtype=object)
     if array.ndim == 1 and array.dtype.kind in "iufb":
         return array
-    if (
-        array.ndim == 1
-        and array.dtype.kind in "US"
-        and all(isinstance(item, (str, bytes)) for item in labels)
-    ):
-        return array
     if array.ndim > 1 and not all(isinstance(item, tuple) for item in labels):
         return array  # nested lists: reported as not 1-D
-    # Mixed types (numpy would turn 1 and "1" into the same string) and tuples: keep the objects.
+    # Strings, mixed types and tuples stay Python objects: numpy would turn 1 and "1" into the
+    # same string, and drops trailing NUL characters from its fixed-width strings.
     objects = np.empty(len(labels), dtype=object)
     for i, item in enumerate(labels):
         objects[i] = item
@@ -131,3 +126,43 @@ def _encode_objects(array: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarra
         classes = np.empty(len(index), dtype=object)
         classes[:] = list(index)
         return codes, classes
+
+
+def encode_label_sets(
+    label_sets: Sequence[Any], names: Sequence[str], sizes: Sequence[int] | None = None
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Several label arrays as codes of one shared class list (e.g. queries and references).
+
+    Parameters
+    ----------
+    label_sets : sequence of array-like, each of shape (n_k,)
+        Labels of any type accepted by :func:`encode_labels`.
+    names : sequence of str
+        The arguments' names, for error messages.
+    sizes : sequence of int, optional
+        The number of rows each label array must have (one label per embedding).
+
+    Returns
+    -------
+    codes : list of ndarray of shape (n_k,) and dtype int64
+        Equal labels get equal codes across the sets.
+    classes : ndarray of shape (n_classes,)
+        The distinct labels of all sets; ``classes[codes[k]]`` gives set ``k`` back.
+    """
+    encoded = [encode_labels(labels, name) for labels, name in zip(label_sets, names, strict=True)]
+    for (codes, _), name, size in zip(encoded, names, sizes or [-1] * len(names), strict=True):
+        if size >= 0 and codes.shape[0] != size:
+            raise ValueError(
+                f"{name} has {codes.shape[0]} entries but there are {size} embeddings; "
+                "expected one label per embedding"
+            )
+    kinds = {classes.dtype.kind for _, classes in encoded}
+    if kinds <= set("iu") or kinds <= set("US"):
+        pooled = np.concatenate([classes for _, classes in encoded])
+    else:  # mixed types: objects, so that 1 and "1" stay apart
+        pooled = np.concatenate([classes.astype(object) for _, classes in encoded])
+    class_codes, classes = encode_labels(pooled, "labels")
+    offsets = np.cumsum([0] + [c.shape[0] for _, c in encoded])
+    return [
+        class_codes[offset + codes] for (codes, _), offset in zip(encoded, offsets, strict=False)
+    ], classes

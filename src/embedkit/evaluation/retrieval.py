@@ -42,8 +42,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_choice, check_int, check_ks, check_matching_dim
+from ..labels import encode_label_sets
 from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
-from ._inputs import as_embeddings, as_image_ids, as_labels, progress_bar, repeated_ids, shared_ids, to_numpy
+from ._inputs import as_embeddings, as_image_ids, progress_bar, repeated_ids, shared_ids, to_numpy
 from .report import Rate, Report
 from .search import APPROXIMATE_BACKENDS, Backend, recall_against_exact, resolve_backend, search_checked
 
@@ -132,12 +133,11 @@ def retrieval_metrics(
         reference at all.
     """
     q = as_embeddings(queries, "queries")
-    q_labels = as_labels(query_labels, q.shape[0], "query_labels", rows_name="queries")
     self_mode = reference is None
     if self_mode:
         if reference_labels is not None:
             raise ValueError("reference_labels were given without reference; pass both or neither")
-        ref, r_labels = q, q_labels
+        ref = q
     else:
         if reference is queries:
             raise ValueError(
@@ -148,15 +148,19 @@ def retrieval_metrics(
             raise ValueError("reference was given without reference_labels; pass both")
         ref = as_embeddings(reference, "reference")
         check_matching_dim(q, ref, "queries", "reference")
-        r_labels = as_labels(reference_labels, ref.shape[0], "reference_labels", rows_name="reference")
     ks = check_ks(ks)
     check_choice(metric, "metric", METRICS)
     chunk_size = None if chunk_size is None else check_int(chunk_size, "chunk_size", low=1)
     ids_checked = _check_image_ids(image_ids, reference_image_ids, q.shape[0], ref.shape[0], self_mode)
 
-    # Compact class ids: vectorised counting without Python loops over labels.
-    classes, inverse = np.unique(np.concatenate([q_labels, r_labels]), return_inverse=True)
-    q_ids, r_ids = inverse[: q.shape[0]], inverse[q.shape[0] :]
+    # Labels of any type as compact class ids shared by queries and references: vectorised
+    # counting without Python loops over labels.
+    label_sets, names = [query_labels], ["query_labels"]
+    if not self_mode:
+        label_sets.append(reference_labels)
+        names.append("reference_labels")
+    codes, classes = encode_label_sets(label_sets, names, [q.shape[0], ref.shape[0]][: len(names)])
+    q_ids, r_ids = codes[0], codes[-1]
     class_sizes = np.bincount(r_ids, minlength=classes.size)
     relevant = class_sizes[q_ids] - int(self_mode)
     available = ref.shape[0] - int(self_mode)
@@ -250,7 +254,7 @@ def retrieval_metrics(
         )
         metrics["map"] = float(ap.mean())
     if counts["queries_without_relevant"]:
-        lone = np.unique(q_labels[relevant <= 0])
+        lone = classes[np.unique(q_ids[relevant <= 0])]
         shown = ", ".join(str(v) for v in lone[:5]) + (", ..." if lone.size > 5 else "")
         notes.append(
             f"{counts['queries_without_relevant']} of {q.shape[0]} queries have no relevant reference "
