@@ -97,3 +97,54 @@ def test_blocks_cover_every_row_once() -> None:
     blocks = tiled._blocks(100, 64)
     assert blocks[0][0] == 0 and blocks[-1][1] == 100
     assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
+
+
+@pytest.mark.parametrize("loss_class", [ek.SupConLoss, ek.NTXentLoss])
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_the_losses_tiled_flag_gives_the_dense_value_gradient_and_stats(loss_class, with_ref) -> None:
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(48, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.arange(48) % 6
+    extra = {}
+    if with_ref:
+        extra = {
+            "ref_embeddings": torch.randn(64, 8, generator=gen, dtype=torch.float64),
+            "ref_labels": torch.arange(64) % 9,
+        }
+    results = []
+    for tiled_flag in (False, True):
+        loss = loss_class(tiled=tiled_flag)
+        value = loss(z, y, **extra)
+        (grad,) = torch.autograd.grad(value, z)
+        results.append((value, grad, loss.last_stats))
+    (dense, dense_grad, dense_stats), (tiled_value, tiled_grad, tiled_stats) = results
+    torch.testing.assert_close(tiled_value, dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tiled_grad, dense_grad, rtol=1e-10, atol=1e-12)
+    assert set(tiled_stats) == set(dense_stats)
+    for key, value in dense_stats.items():
+        torch.testing.assert_close(
+            torch.as_tensor(tiled_stats[key]).double(), torch.as_tensor(value).double()
+        )
+
+
+def test_large_batches_are_tiled_without_building_the_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import embedkit.losses.base as base
+    import embedkit.losses.infonce as infonce
+
+    def no_masks(*args, **kwargs):
+        raise AssertionError("the tiled path built the N×M pair masks")
+
+    monkeypatch.setattr(infonce, "TILED_ABOVE", 100)  # 16 × 16 = 256 pairs is "large"
+    monkeypatch.setattr(base, "pair_masks", no_masks)
+    z = torch.randn(16, 4, requires_grad=True)
+    for loss in (ek.SupConLoss(), ek.NTXentLoss()):
+        value = loss(z, torch.arange(16) % 4)
+        value.backward()
+        assert torch.isfinite(value) and value > 0
+    # One class only: no negative pair, nothing to contrast, 0 as the dense loss gives.
+    assert ek.SupConLoss(tiled=True)(z, torch.zeros(16, dtype=torch.int64)).item() == 0.0
+
+
+def test_tiled_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="tiled must be True or False; got int"):
+        ek.SupConLoss(tiled=1)

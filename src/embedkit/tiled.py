@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .similarity import rows_per_block
+from .similarity import _full_precision, rows_per_block
 
 __all__ = ["class_codes", "pair_statistics", "tiled_ntxent", "tiled_supcon"]
 
@@ -200,7 +200,8 @@ def tiled_supcon(
         The mean over anchors with at least one positive (0 when there is none); the
         caller returns 0 for a batch without any negative pair, as the dense loss does.
     """
-    return _SupCon.apply(q, r, codes_q, codes_r, num_classes, 1.0 / temperature, is_self)
+    with _full_precision(q.device):
+        return _SupCon.apply(q, r, codes_q, codes_r, num_classes, 1.0 / temperature, is_self)
 
 
 def tiled_ntxent(
@@ -213,7 +214,8 @@ def tiled_ntxent(
     Tensor of shape ()
         The mean over positive pairs of ``−log(e^{s_ap/τ} / (e^{s_ap/τ} + Σ_n e^{s_an/τ}))``.
     """
-    return _NTXent.apply(q, r, codes_q, codes_r, 1.0 / temperature, is_self)
+    with _full_precision(q.device):
+        return _NTXent.apply(q, r, codes_q, codes_r, 1.0 / temperature, is_self)
 
 
 @torch.no_grad()

@@ -384,9 +384,21 @@ class PairBatch:
                 device=embeddings.device,
                 rows_name="ref_embeddings",
             )
-        self.positive_mask, self.negative_mask = pair_masks(
-            self.labels, None if self.is_self else self.ref_labels
-        )
+        self._masks: tuple[Tensor, Tensor] | None = None
+
+    # The N×M masks are built on first use: the tiled InfoNCE path never needs them.
+    @property
+    def positive_mask(self) -> Tensor:
+        return self._pair_masks()[0]
+
+    @property
+    def negative_mask(self) -> Tensor:
+        return self._pair_masks()[1]
+
+    def _pair_masks(self) -> tuple[Tensor, Tensor]:
+        if self._masks is None:
+            self._masks = pair_masks(self.labels, None if self.is_self else self.ref_labels)
+        return self._masks
 
 
 class PairLoss(Loss):
