@@ -712,8 +712,10 @@ TABLE_HEADERS = (
 def table_rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
     rows = []
     for name, r in results.items():
+        # Info notes are shown too, marked: the paired shortcut is one when identities still separate.
         fired = ", ".join(
-            f"{d['code']} ({d['step']})" for d in r["diagnoses"] or () if d["severity"] != "info"
+            f"{d['code']} ({d['step']}{', info' if d['severity'] == 'info' else ''})"
+            for d in r["diagnoses"] or ()
         )
         if r["diverged"] is not None:
             fired = ", ".join(filter(None, [f"diverged ({r['diverged']['step']})", fired]))
