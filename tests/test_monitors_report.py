@@ -273,3 +273,26 @@ def test_monitor_callback_is_built_on_lightnings_callback(monkeypatch: pytest.Mo
     callback.on_train_batch_end(trainer, _Module(), {"embeddings": torch.randn(8, 4)}, None, 0)
     callback.on_train_epoch_end(trainer, _Module())
     assert "health" in callback.reports
+
+
+def test_counts_and_class_ids_print_as_integers_and_stay_ints_in_json() -> None:
+    import json
+    import re
+
+    import torch
+
+    import embedkit as ek
+
+    monitor = ek.ClassCollapseMonitor(10)
+    monitor.update(torch.randn(64, 10, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 10)
+    report = monitor.compute()
+    for text in (str(report), report.to_markdown()):
+        assert re.search(r"num_predicted_classes\W+\d+\s", text), text
+        assert re.search(r"dominant_class\W+\d+\s", text), text
+        assert "num_predicted_classes      10.0000" not in text
+    plain = json.loads(report.to_json())
+    assert isinstance(plain["metrics"]["num_predicted_classes"], int)
+    assert report["num_predicted_classes"] == 10.0  # the mapping still gives floats
+    health = ek.EmbeddingHealthMonitor()
+    health.update(torch.randn(32, 8), torch.arange(32) % 4)
+    assert re.search(r"num_samples\s+32\n", str(health.compute()))

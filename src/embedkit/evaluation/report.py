@@ -80,6 +80,13 @@ def format_percent(x: float) -> str:
     return f"{100 * x:.3g}%" if 0 < abs(x) < 0.001 else f"{100 * x:.2f}%"
 
 
+def format_metric(value: float | int) -> str:
+    """A metric for text and markdown: counts and class ids as integers, other values to 4 decimals."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    return f"{float(value):.4f}"
+
+
 def to_plain(x: Any) -> Any:
     """Numpy scalars and arrays (nested in lists, tuples, dicts) to strict-JSON-ready values.
 
@@ -273,7 +280,7 @@ class Report(Mapping[str, float]):
                 chance = "" if value.chance is None else format_percent(value.chance)
                 lines.append(f"| {key} | {value.value:.4f} | {value.hits}/{value.total} | {chance} |")
             else:
-                lines.append(f"| {key} | {float(value):.4f} | | |")
+                lines.append(f"| {key} | {format_metric(value)} | | |")
         if self.counts:
             lines += ["", ", ".join(f"{k}: {v}" for k, v in self.counts.items())]
         lines += [f"\n> {note}" for note in self.notes]
@@ -283,7 +290,7 @@ class Report(Mapping[str, float]):
         width = max((len(k) for k in self.metrics), default=0)
         lines = [self.title]
         for key, value in self.metrics.items():
-            shown = str(value) if isinstance(value, Rate) else f"{float(value):.4f}"
+            shown = str(value) if isinstance(value, Rate) else format_metric(value)
             lines.append(f"  {key:<{width}}  {shown}")
         if self.counts:
             lines.append("  " + ", ".join(f"{k}: {v}" for k, v in self.counts.items()))

@@ -612,7 +612,7 @@ class EmbeddingHealthMonitor:
             within_trace / within_rows / mean_sq_norm if within_rows and mean_sq_norm > 0 else math.nan
         )
         metrics = {
-            "num_samples": float(n),
+            "num_samples": int(n),
             "mean_norm": mean_norm,
             "norm_std": math.sqrt(max(mean_sq_norm - mean_norm**2, 0.0)),
             "min_norm": float(s.min_norm),

@@ -184,7 +184,7 @@ class LossMonitor:
         history = self.history
         if not len(history):
             raise ValueError("LossMonitor.compute() called before any update(); nothing to report")
-        metrics: dict[str, float | Rate] = {"steps": float(len(history))}
+        metrics: dict[str, float | Rate] = {"steps": len(history)}
         for key in history.keys:
             latest = history.latest(key)
             if latest is not None:
