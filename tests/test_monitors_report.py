@@ -141,7 +141,7 @@ def test_doctor_rejects_bad_input_with_status_2(tmp_path: Path, capsys: pytest.C
     assert "no such file" in capsys.readouterr().err
     path = _save(tmp_path / "floats.npz", embeddings=np.zeros((4, 3), np.float32), labels=np.zeros(4))
     assert doctor_main([str(path)]) == 2
-    assert "labels must have an integer dtype" in capsys.readouterr().err
+    assert "labels must hold integers; got dtype float64" in capsys.readouterr().err
     path = _save(tmp_path / "nolabels.npz", embeddings=np.zeros((4, 3), np.float32), logits=np.zeros((4, 2)))
     assert doctor_main([str(path)]) == 2
     assert "--logits needs labels" in capsys.readouterr().err
@@ -296,3 +296,28 @@ def test_counts_and_class_ids_print_as_integers_and_stay_ints_in_json() -> None:
     health = ek.EmbeddingHealthMonitor()
     health.update(torch.randn(32, 8), torch.arange(32) % 4)
     assert re.search(r"num_samples\s+32\n", str(health.compute()))
+
+
+def test_doctor_warns_about_keys_it_does_not_read_and_takes_string_labels(tmp_path, capsys) -> None:
+    import numpy as np
+
+    from embedkit.monitors.cli import doctor_main
+
+    gen = np.random.default_rng(0)
+    centres = gen.normal(size=(10, 16))
+    labels = np.arange(200) % 10
+    z = (centres[labels] + 0.1 * gen.normal(size=(200, 16))).astype(np.float32)
+    names = np.array([f"person_{c}" for c in labels])
+    np.savez(tmp_path / "e.npz", embeddings=z, labels=names, paired=z)
+    status = doctor_main([str(tmp_path / "e.npz"), "--format", "json"])
+    captured = capsys.readouterr()
+    assert "does not read: 'paired'" in captured.err and "'paired_embeddings'" in captured.err
+    assert status == 0
+    np.savez(tmp_path / "ints.npz", embeddings=z, labels=labels)
+    doctor_main([str(tmp_path / "ints.npz"), "--format", "json"])
+    # Names and their integer codes give the same report, and no warning without extra keys.
+    by_ints = capsys.readouterr()
+    assert by_ints.err == "" and by_ints.out == captured.out
+    np.save(tmp_path / "logits.npy", gen.normal(size=(200, 10)).astype(np.float32))
+    status = doctor_main([str(tmp_path / "e.npz"), "--logits", str(tmp_path / "logits.npy")])
+    assert status == 2 and "--logits needs integer labels" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..labels import encode_labels
 from .collapse import ClassCollapseMonitor
 from .health import EmbeddingHealthMonitor
 from .report import MonitorReport
@@ -40,13 +41,23 @@ __all__ = ["add_doctor_parser", "collect_reports", "doctor_main", "run_doctor"]
 _DESCRIPTION = "Run embedkit's monitors on saved embeddings (and logits) and print what is wrong."
 # Rows per update(): bounds the working memory of the monitors on large files.
 _CHUNK = 8192
+#: The arrays the doctor reads from an .npz; any other key draws a warning.
+NPZ_KEYS = {
+    "embeddings": "(n, d) float, required",
+    "labels": "(n,) identities of any type (integers, strings)",
+    "paired_embeddings": "(n, d) float, the paired view of each row (e.g. its HR image)",
+    "logits": "(n, C) float classifier logits (needs integer labels in [0, C))",
+}
+_EPILOG = "Arrays read from an .npz: " + "; ".join(f"'{k}' {v}" for k, v in NPZ_KEYS.items()) + "."
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
-        "embeddings", type=Path, help="an .npz with 'embeddings' (n, d) [+ labels, ...] or an .npy"
+        "embeddings",
+        type=Path,
+        help="an .npz with 'embeddings' [+ 'labels', 'paired_embeddings', 'logits'] or an .npy",
     )
-    parser.add_argument("--labels", type=Path, help="an .npy of integer labels (n,)")
+    parser.add_argument("--labels", type=Path, help="an .npy of labels (n,), integers or strings")
     parser.add_argument(
         "--paired", type=Path, help="an .npy of paired embeddings (n, d), e.g. the HR image of each probe"
     )
@@ -80,7 +91,7 @@ def add_doctor_parser(subparsers: Any) -> argparse.ArgumentParser:
     argparse.ArgumentParser
         The ``doctor`` parser; its default ``func`` is :func:`run_doctor`.
     """
-    parser = subparsers.add_parser("doctor", help=_DESCRIPTION, description=_DESCRIPTION)
+    parser = subparsers.add_parser("doctor", help=_DESCRIPTION, description=_DESCRIPTION, epilog=_EPILOG)
     _configure(parser)
     parser.set_defaults(func=run_doctor)
     return parser
@@ -94,7 +105,9 @@ def doctor_main(argv: Sequence[str] | None = None) -> int:
     int
         The exit status: 0 without error diagnoses, 1 with one, 2 on bad input.
     """
-    parser = _configure(argparse.ArgumentParser(prog="embedkit doctor", description=_DESCRIPTION))
+    parser = _configure(
+        argparse.ArgumentParser(prog="embedkit doctor", description=_DESCRIPTION, epilog=_EPILOG)
+    )
     return run_doctor(parser.parse_args(argv))
 
 
@@ -142,6 +155,15 @@ def collect_reports(args: argparse.Namespace) -> list[MonitorReport]:
         raise ValueError(
             f"EMBEDDINGS: {str(args.embeddings)!r} has no array 'embeddings'; found {sorted(arrays)}"
         )
+    unread = sorted(set(arrays) - set(NPZ_KEYS) - {""})
+    if unread:
+        # A silently ignored key hides a check the user meant to run (e.g. 'paired').
+        print(
+            f"embedkit doctor: warning: {str(args.embeddings)!r} holds arrays the doctor does not read: "
+            f"{', '.join(repr(k) for k in unread)}; it reads {', '.join(repr(k) for k in NPZ_KEYS)} "
+            "(rename an array to use it)",
+            file=sys.stderr,
+        )
     z = _float_matrix(embeddings, "embeddings", None)
     n = z.shape[0]
     labels = _array(args.labels, "--labels")
@@ -150,7 +172,12 @@ def collect_reports(args: argparse.Namespace) -> list[MonitorReport]:
     paired = arrays.get("paired_embeddings") if paired is None else paired
     logits = _array(args.logits, "--logits")
     logits = arrays.get("logits") if logits is None else logits
-    y = None if labels is None else torch.as_tensor(labels)
+    names = None
+    if labels is not None:
+        codes, names = encode_labels(labels, "labels")
+        if codes.shape[0] != n:
+            raise ValueError(f"labels has {codes.shape[0]} entries but the embeddings have {n} rows")
+    y = None if labels is None else torch.from_numpy(codes)
     p = None if paired is None else _float_matrix(paired, "paired embeddings", n)
 
     # Exact statistics do not depend on the row order; the pair statistics use the last
@@ -168,6 +195,12 @@ def collect_reports(args: argparse.Namespace) -> list[MonitorReport]:
     if logits is not None:
         if y is None:
             raise ValueError("--logits needs labels (in the .npz or with --labels)")
+        if names is None or names.dtype.kind not in "iu":
+            raise ValueError(
+                "--logits needs integer labels (the logits' column of each row's class); got labels of "
+                f"dtype {np.asarray(labels).dtype}"
+            )
+        y = torch.from_numpy(names[codes])  # the integer classes themselves, not their codes
         scores = _float_matrix(logits, "logits", n)
         num_classes = args.num_classes if args.num_classes is not None else scores.shape[1]
         collapse = ClassCollapseMonitor(num_classes, topk=args.topk)
