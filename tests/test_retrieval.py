@@ -72,7 +72,7 @@ def random_set() -> tuple[np.ndarray, np.ndarray]:
 
 def test_equals_accuracy_calculator_query_is_reference(random_set) -> None:
     x, y = random_set
-    ours = retrieval_metrics(x, y)
+    ours = retrieval_metrics(x, y, compute_map=True)
     theirs = pml(x, y)
     for key, pml_key in PML_KEYS.items():
         assert ours[key] == pytest.approx(theirs[pml_key], abs=1e-9), key
@@ -80,7 +80,7 @@ def test_equals_accuracy_calculator_query_is_reference(random_set) -> None:
 
 def test_equals_accuracy_calculator_split(random_set) -> None:
     x, y = random_set
-    ours = retrieval_metrics(x[:120], y[:120], x[120:], y[120:])
+    ours = retrieval_metrics(x[:120], y[:120], x[120:], y[120:], compute_map=True)
     theirs = pml(x[:120], y[:120], x[120:], y[120:])
     for key, pml_key in PML_KEYS.items():
         assert ours[key] == pytest.approx(theirs[pml_key], abs=1e-9), key
@@ -91,10 +91,10 @@ def test_equals_slow_reference(random_set, self_mode: bool) -> None:
     x, y = random_set
     ks = (1, 3, 10, 40)
     if self_mode:
-        ours = retrieval_metrics(x, y, ks=ks, backend="torch")
+        ours = retrieval_metrics(x, y, ks=ks, backend="torch", compute_map=True)
         want = slow_reference(x, y, x, y, True, ks)
     else:
-        ours = retrieval_metrics(x[:100], y[:100], x[100:], y[100:], ks=ks)
+        ours = retrieval_metrics(x[:100], y[:100], x[100:], y[100:], ks=ks, compute_map=True)
         want = slow_reference(x[:100], y[:100], x[100:], y[100:], False, ks)
     for key, value in want.items():
         assert ours[key] == pytest.approx(value, abs=1e-9), key
@@ -113,7 +113,7 @@ def test_map_equals_sklearn_average_precision_with_ties() -> None:
     for i in range(150):
         keep = np.arange(150) != i
         expected.append(average_precision_score(y[keep] == y[i], scores[i, keep]))
-    report = retrieval_metrics(x, y, metric="dot", chunk_size=7)
+    report = retrieval_metrics(x, y, metric="dot", chunk_size=7, compute_map=True)
     assert report["map"] == pytest.approx(np.mean(expected), abs=1e-12)
 
 
@@ -122,22 +122,24 @@ def test_map_is_exact_beyond_the_search_depth(random_set) -> None:
     x, y = random_set
     q, r = normalised(x[:50].astype(np.float64)), normalised(x[50:].astype(np.float64))
     expected = [average_precision_score(y[50:] == y[i], r @ q[i]) for i in range(50)]
-    report = retrieval_metrics(x[:50], y[:50], x[50:], y[50:], ks=(1,))
+    report = retrieval_metrics(x[:50], y[:50], x[50:], y[50:], ks=(1,), compute_map=True)
     assert report["map"] == pytest.approx(np.mean(expected), abs=1e-9)
     assert report.counts["search_depth"] < 310
 
 
 def test_backends_agree(random_set) -> None:
     x, y = random_set
-    a = retrieval_metrics(x, y, backend="faiss")
-    b = retrieval_metrics(torch.from_numpy(x), torch.from_numpy(y), backend="torch", chunk_size=50)
+    a = retrieval_metrics(x, y, backend="faiss", compute_map=True)
+    b = retrieval_metrics(
+        torch.from_numpy(x), torch.from_numpy(y), backend="torch", chunk_size=50, compute_map=True
+    )
     for key in a:
         assert a[key] == pytest.approx(b[key], abs=1e-9), key
 
 
 def test_rates_have_counts_and_chance(random_set) -> None:
     x, y = random_set
-    report = retrieval_metrics(x, y, ks=(1, 5))
+    report = retrieval_metrics(x, y, ks=(1, 5), compute_map=True)
     p1 = report.rate("precision@1")
     assert isinstance(p1, Rate) and p1.total == 360
     sizes = np.bincount(y)
@@ -173,12 +175,12 @@ def test_queries_without_relevant_are_counted_not_dropped() -> None:
     rng = np.random.default_rng(4)
     x = rng.standard_normal((43, 6)).astype(np.float32)
     y = np.concatenate([[100, 101, 102], np.repeat(np.arange(10), 4)])  # three singletons first
-    report = retrieval_metrics(x, y)
+    report = retrieval_metrics(x, y, compute_map=True)
     assert report.counts["queries_without_relevant"] == 3
     assert report.counts["evaluated_queries"] == 40
     assert report.rate("precision@1").total == 40
     assert any("3 of 43 queries have no relevant reference" in n and "100" in n for n in report.notes)
-    split = retrieval_metrics(x[:20], y[:20], x[20:], y[20:])
+    split = retrieval_metrics(x[:20], y[:20], x[20:], y[20:], compute_map=True)
     absent = int(np.isin(y[:20], y[20:], invert=True).sum())  # singletons and classes only in the queries
     assert absent > 3 and split.counts["queries_without_relevant"] == absent
     assert split.rate("precision@1").total == 20 - absent
@@ -190,7 +192,7 @@ def test_large_label_values_never_collide() -> None:
     # 2**24 and 2**24 + 1 are the same float32: a float cast would merge the two classes
     x = np.array([[1, 0], [1, 0.01], [0, 1], [0.01, 1]], dtype=np.float32)
     y = np.array([2**24, 2**24 + 1, 2**24, 2**24 + 1], dtype=np.int64)
-    report = retrieval_metrics(x, y)
+    report = retrieval_metrics(x, y, compute_map=True)
     assert report["precision@1"] == 0.0  # nearest neighbour always has the other label
     assert retrieval_metrics(x, y + 2**40)["precision@1"] == 0.0
     with pytest.raises(TypeError, match="query_labels"):
@@ -215,10 +217,11 @@ def test_bad_arguments(random_set) -> None:
         retrieval_metrics(x, y, x[:, :3], y)
 
 
-def test_compute_map_false_skips_map(random_set) -> None:
+def test_map_is_computed_only_when_asked_for(random_set) -> None:
     x, y = random_set
-    report = retrieval_metrics(x, y, compute_map=False)
+    report = retrieval_metrics(x, y)  # the default costs one search: no full-ranking mAP
     assert "map" not in report and "map@r" in report
+    assert "map" in retrieval_metrics(x, y, compute_map=True)
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def test_perfect_embeddings_score_one(case, duplicated: bool) -> None:
     noise = 0.0 if duplicated else 0.01  # exact duplicates within a class, or tight clusters
     x = centres[labels] + noise * rng.standard_normal((labels.size, 8)).astype(np.float32)
     order = rng.permutation(labels.size)
-    report = retrieval_metrics(x[order], labels[order], ks=(1, 2))
+    report = retrieval_metrics(x[order], labels[order], ks=(1, 2), compute_map=True)
     for key in ("precision@1", "r_precision", "map@r", "map", "recall@1", "recall@2"):
         assert report[key] == pytest.approx(1.0), key
     # precision@k divides by k: a class of two (R = 1) scores 1/2 at k = 2, even when perfect
@@ -258,8 +261,8 @@ def test_relabelling_changes_nothing(case, offset: int) -> None:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((labels.size, 5)).astype(np.float32)
     permuted = rng.permutation(labels.max() + 1)[labels].astype(np.int64) * 7919 + offset % (2**62)
-    a = retrieval_metrics(x, labels)
-    b = retrieval_metrics(x, permuted)
+    a = retrieval_metrics(x, labels, compute_map=True)
+    b = retrieval_metrics(x, permuted, compute_map=True)
     for key in a:
         assert a[key] == pytest.approx(b[key], abs=1e-12), key
 
@@ -267,7 +270,7 @@ def test_relabelling_changes_nothing(case, offset: int) -> None:
 def test_k_beyond_the_reference_set_divides_by_k() -> None:
     x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], dtype=np.float32)
     y = np.array([1, 1, 2, 2])
-    report = retrieval_metrics(x, y, ks=(1, 5))  # 3 references available per query
+    report = retrieval_metrics(x, y, ks=(1, 5), compute_map=True)  # 3 references available per query
     assert report["recall@5"] == 1.0
     assert report.rate("precision@5").hits == 4 and report["precision@5"] == pytest.approx(4 / 20)
     assert report.rate("recall@5").chance == 1.0  # three draws from three always include the one relevant

@@ -103,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--far", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2], metavar="F")
     evaluate.add_argument("--no-verification", action="store_true", help="skip probe-vs-gallery verification")
     evaluate.add_argument("--no-retrieval", action="store_true", help="skip retrieval metrics")
-    evaluate.add_argument("--no-map", action="store_true", help="skip full-ranking mAP (an extra pass)")
+    evaluate.add_argument(
+        "--map", action="store_true", help="also compute full-ranking mAP (an extra pass over all pairs)"
+    )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluate.add_argument("--no-figures", action="store_true", help="write no figures")
     plot = commands.add_parser(
@@ -189,7 +191,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             gallery_data["labels"],
             ks=args.ranks,
             metric=args.metric,
-            compute_map=not args.no_map,
+            compute_map=args.map,
             progress=progress,
         )
     elapsed = time.perf_counter() - start
