@@ -214,9 +214,10 @@ def test_nothing_fires_on_well_separated_clusters(
     _feed(monitor, z, labels, batch=batch)
     report = monitor.compute()
     assert report.diagnoses == (), [str(d) for d in report.diagnoses]
-    # The clusters really are separated (well above the 0.6 threshold), though in 8
-    # dimensions a few of 30 random centres lie close enough to bring the AUC near 0.95.
-    assert report["auc"] > 0.8
+    # The clusters really are separated. Re-examined on 400 random draws of this test's
+    # parameters (exact AUC by scikit-learn): the worst was 0.935 in 8 dimensions, where a few
+    # of 30 random centres lie close together, and above 0.9999 in 64 and 128 dimensions.
+    assert report["auc"] > (0.9 if dim == 8 else 0.999)
 
 
 # ----------------------------------------------------------------------------- exactness
