@@ -14,11 +14,13 @@ import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import embedkit as ek
 from embedkit.evaluation.report import to_plain
 
 
@@ -123,3 +125,104 @@ def save(fig: Any, path: Path) -> str:
 
     plt.close(fig)
     return path.name
+
+
+@dataclass
+class Monitors:
+    """The monitors of one training, read every ``window`` optimizer steps.
+
+    ``EmbeddingHealthMonitor`` and ``LossMonitor`` always; ``ClassCollapseMonitor`` too when
+    ``num_classes`` is given (a classifier head). Steps count the optimizer steps done: a
+    diagnosis "first fired at step 60" was raised when the monitors were read after the 60th
+    step, from the window of steps 41–60.
+    """
+
+    window: int
+    num_classes: int | None = None
+    history: ek.TrainingHistory = field(default_factory=ek.TrainingHistory)
+    first_fired: dict[str, dict[str, Any]] = field(default_factory=dict)
+    windows_fired: dict[str, int] = field(default_factory=dict)
+    fired_at: list[tuple[int, list[str]]] = field(default_factory=list)
+    windows: int = 0
+    last_read: int = 0
+
+    def __post_init__(self) -> None:
+        self.health = ek.EmbeddingHealthMonitor()
+        self.collapse = None if self.num_classes is None else ek.ClassCollapseMonitor(self.num_classes)
+        self.losses = ek.LossMonitor(window=self.window)
+
+    def update(
+        self,
+        step: int,
+        loss_fn: ek.Loss,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        paired: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+    ) -> None:
+        """Feed the batch of optimizer step ``step`` (1-based); read the monitors every ``window`` steps.
+
+        ``embeddings`` (b, d), ``labels`` (b,), ``paired`` (b, d) the paired view of each row,
+        ``logits`` (b, num_classes) of the head the loss used.
+        """
+        self.health.update(embeddings, labels, paired_embeddings=paired)
+        metrics = None
+        if self.collapse is not None and logits is not None:
+            self.collapse.update(logits, labels)
+            hits = int((logits.argmax(dim=1) == labels).sum())  # for loss_falling_at_chance
+            metrics = {"batch_top1": ek.Rate(hits, len(labels), 1 / self.collapse.num_classes)}
+        self.losses.update(step, loss_fn, metrics)
+        if step % self.window == 0:
+            self.read(step)
+
+    def finish(self, step: int) -> None:
+        """Read the last, partial window when it holds at least half a window of steps."""
+        if step - self.last_read >= max(1, self.window // 2):
+            self.read(step)
+
+    def read(self, step: int) -> None:
+        """Compute every monitor, record its statistics and new diagnoses, reset the windowed ones."""
+        self.windows += 1
+        reports = [("health", self.health.compute()), ("loss", self.losses.compute())]
+        if self.collapse is not None:
+            reports.append(("collapse", self.collapse.compute()))
+            self.collapse.reset()
+        self.health.reset()
+        fired: list[str] = []
+        for monitor, report in reports:
+            self.history.record(step, report, prefix=f"{monitor}/")
+            for diagnosis in report.diagnoses:
+                if diagnosis.code not in fired:
+                    fired.append(diagnosis.code)
+                self.first_fired.setdefault(
+                    diagnosis.code,
+                    {
+                        "monitor": monitor,
+                        "severity": diagnosis.severity,
+                        "step": step,
+                        "window": [self.last_read + 1, step],
+                        "message": diagnosis.message,
+                        "evidence": dict(diagnosis.evidence),
+                        "suggestion": diagnosis.suggestion,
+                    },
+                )
+        for code in fired:
+            self.windows_fired[code] = self.windows_fired.get(code, 0) + 1
+        self.fired_at.append((step, fired))
+        self.last_read = step
+
+    def fired_between(self, first: int, last: int) -> list[str]:
+        """Codes raised by the readings after steps ``first``..``last``, in order, each once."""
+        codes: list[str] = []
+        for step, fired in self.fired_at:
+            if first <= step <= last:
+                codes += [c for c in fired if c not in codes]
+        return codes
+
+    def diagnoses(self) -> list[dict[str, Any]]:
+        """Each code that fired: where it first fired, and in how many of the windows."""
+        return [
+            {"code": code, **info, "windows_fired": self.windows_fired[code], "windows": self.windows}
+            for code, info in sorted(self.first_fired.items(), key=lambda item: item[1]["step"])
+        ]

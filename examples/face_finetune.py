@@ -46,7 +46,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _shared import command_line, markdown_table, parser, progress, pyplot, resolve_device, save, write_report
+from _shared import (
+    Monitors,
+    command_line,
+    markdown_table,
+    parser,
+    progress,
+    pyplot,
+    resolve_device,
+    save,
+    write_report,
+)
 from torch import Tensor, nn
 
 import embedkit as ek
@@ -58,7 +68,6 @@ from embedkit.datasets import (
     synthetic_identities,
     very_low_resolution,
 )
-from embedkit.evaluation.report import Rate
 
 # ------------------------------------------------------------------------------------ configuration
 
@@ -423,87 +432,6 @@ RECIPES = (
 )
 
 
-@dataclass
-class Monitors:
-    """The three monitors of one fine-tuning, read every ``window`` steps.
-
-    Steps count the optimizer steps done: a diagnosis "first fired at step 60" was raised
-    when the monitors were read after the 60th step, from the window of steps 41–60.
-    """
-
-    window: int
-    num_classes: int | None
-    history: ek.TrainingHistory = field(default_factory=ek.TrainingHistory)
-    first_fired: dict[str, dict[str, Any]] = field(default_factory=dict)
-    windows_fired: dict[str, int] = field(default_factory=dict)
-    windows: int = 0
-    last_read: int = 0
-
-    def __post_init__(self) -> None:
-        self.health = ek.EmbeddingHealthMonitor()
-        self.collapse = None if self.num_classes is None else ek.ClassCollapseMonitor(self.num_classes)
-        self.losses = ek.LossMonitor(window=self.window)
-
-    def update(
-        self,
-        step: int,
-        loss_fn: ek.Loss,
-        embeddings: Tensor,
-        labels: Tensor,
-        paired: Tensor,
-        logits: Tensor | None,
-    ) -> None:
-        """Feed the batch of optimizer step ``step`` (1-based); read the monitors every ``window`` steps."""
-        self.health.update(embeddings, labels, paired_embeddings=paired)
-        metrics = None
-        if self.collapse is not None and logits is not None:
-            self.collapse.update(logits, labels)
-            hits = int((logits.argmax(dim=1) == labels).sum())  # for loss_falling_at_chance
-            metrics = {"batch_top1": Rate(hits, len(labels), 1 / self.num_classes)}  # type: ignore[operator]
-        self.losses.update(step, loss_fn, metrics)
-        if step % self.window == 0:
-            self.read(step)
-
-    def finish(self, step: int) -> None:
-        """Read the last, partial window when it holds at least half a window of steps."""
-        if step - self.last_read >= max(1, self.window // 2):
-            self.read(step)
-
-    def read(self, step: int) -> None:
-        """Compute every monitor, record its statistics and new diagnoses, reset the windowed ones."""
-        self.windows += 1
-        reports = [("health", self.health.compute()), ("loss", self.losses.compute())]
-        if self.collapse is not None:
-            reports.append(("collapse", self.collapse.compute()))
-            self.collapse.reset()
-        self.health.reset()
-        fired = set()
-        for monitor, report in reports:
-            self.history.record(step, report, prefix=f"{monitor}/")
-            for diagnosis in report.diagnoses:
-                fired.add(diagnosis.code)
-                self.first_fired.setdefault(
-                    diagnosis.code,
-                    {
-                        "monitor": monitor,
-                        "severity": diagnosis.severity,
-                        "step": step,
-                        "window": [self.last_read + 1, step],
-                        "message": diagnosis.message,
-                        "suggestion": diagnosis.suggestion,
-                    },
-                )
-        for code in fired:
-            self.windows_fired[code] = self.windows_fired.get(code, 0) + 1
-        self.last_read = step
-
-    def diagnoses(self) -> list[dict[str, Any]]:
-        return [
-            {"code": code, **info, "windows_fired": self.windows_fired[code], "windows": self.windows}
-            for code, info in sorted(self.first_fired.items(), key=lambda item: item[1]["step"])
-        ]
-
-
 def cosine_rows(a: Tensor, b: Tensor) -> Tensor:
     """cos(a_i, b_i) for every row i."""
     return F.cosine_similarity(a.double(), b.double(), dim=1)
@@ -615,7 +543,7 @@ def finetune(
                 loss.backward()
                 with torch.no_grad():  # before the step: the head the loss used
                     logits = head.logits(z.detach()) if head is not None else None
-                    monitors.update(step + 1, loss_fn, z.detach(), y, z_hr.detach(), logits)
+                    monitors.update(step + 1, loss_fn, z.detach(), y, paired=z_hr.detach(), logits=logits)
                 optimizer.step()
                 step += 1
                 bar.update()

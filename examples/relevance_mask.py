@@ -42,14 +42,24 @@ import dataclasses
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _shared import command_line, markdown_table, parser, progress, pyplot, resolve_device, save, write_report
+from _shared import (
+    Monitors,
+    command_line,
+    markdown_table,
+    parser,
+    progress,
+    pyplot,
+    resolve_device,
+    save,
+    write_report,
+)
 from scipy import ndimage
 from torch import Tensor, nn
 
@@ -297,62 +307,6 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Ten
 
 
 # ------------------------------------------------------------------------------------ phase 1
-
-
-@dataclass
-class Monitors:
-    """Health and loss monitors of the contrastive phase, read every ``window`` steps (1-based)."""
-
-    window: int
-    history: ek.TrainingHistory = field(default_factory=ek.TrainingHistory)
-    first_fired: dict[str, dict[str, Any]] = field(default_factory=dict)
-    windows_fired: dict[str, int] = field(default_factory=dict)
-    windows: int = 0
-    last_read: int = 0
-
-    def __post_init__(self) -> None:
-        self.health = ek.EmbeddingHealthMonitor()
-        self.losses = ek.LossMonitor(window=self.window)
-
-    def update(self, step: int, loss_fn: ek.Loss, embeddings: Tensor, labels: Tensor) -> None:
-        self.health.update(embeddings, labels)
-        self.losses.update(step, loss_fn)
-        if step % self.window == 0:
-            self.read(step)
-
-    def finish(self, step: int) -> None:
-        """Read the last, partial window when it holds at least half a window of steps."""
-        if step - self.last_read >= max(1, self.window // 2):
-            self.read(step)
-
-    def read(self, step: int) -> None:
-        self.windows += 1
-        fired = set()
-        for monitor, report in (("health", self.health.compute()), ("loss", self.losses.compute())):
-            self.history.record(step, report, prefix=f"{monitor}/")
-            for d in report.diagnoses:
-                fired.add(d.code)
-                self.first_fired.setdefault(
-                    d.code,
-                    {
-                        "monitor": monitor,
-                        "severity": d.severity,
-                        "step": step,
-                        "window": [self.last_read + 1, step],
-                        "message": d.message,
-                        "suggestion": d.suggestion,
-                    },
-                )
-        self.health.reset()
-        for code in fired:
-            self.windows_fired[code] = self.windows_fired.get(code, 0) + 1
-        self.last_read = step
-
-    def diagnoses(self) -> list[dict[str, Any]]:
-        return [
-            {"code": code, **info, "windows_fired": self.windows_fired[code], "windows": self.windows}
-            for code, info in sorted(self.first_fired.items(), key=lambda item: item[1]["step"])
-        ]
 
 
 def sequence_retrieval(model: Embedder, split: Split) -> float:

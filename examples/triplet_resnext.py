@@ -77,7 +77,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _shared import command_line, markdown_table, parser, progress, pyplot, resolve_device, save, write_report
+from _shared import (
+    Monitors,
+    command_line,
+    markdown_table,
+    parser,
+    progress,
+    pyplot,
+    resolve_device,
+    save,
+    write_report,
+)
 from torch import Tensor, nn
 
 import embedkit as ek
@@ -385,77 +395,6 @@ def embed(model: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ monitors
-
-
-@dataclass
-class Monitors:
-    """``LossMonitor`` and ``EmbeddingHealthMonitor`` of one training, read every ``window`` steps.
-
-    A diagnosis "first fired at step 60" was raised when the monitors were read after the
-    60th optimizer step, from the window of steps 41–60.
-    """
-
-    window: int
-    history: ek.TrainingHistory = field(default_factory=ek.TrainingHistory)
-    first_fired: dict[str, dict[str, Any]] = field(default_factory=dict)
-    windows_fired: dict[str, int] = field(default_factory=dict)
-    fired_at: list[tuple[int, list[str]]] = field(default_factory=list)
-    windows: int = 0
-    last_read: int = 0
-
-    def __post_init__(self) -> None:
-        self.health = ek.EmbeddingHealthMonitor()
-        self.losses = ek.LossMonitor(window=self.window)
-
-    def update(self, step: int, loss_fn: ek.Loss, embeddings: Tensor, labels: Tensor) -> None:
-        """Feed optimizer step ``step`` (1-based); read the monitors every ``window`` steps."""
-        self.health.update(embeddings, labels)
-        self.losses.update(step, loss_fn)
-        if step % self.window == 0:
-            self.read(step)
-
-    def finish(self, step: int) -> None:
-        """Read the last, partial window when it holds at least half a window of steps."""
-        if step - self.last_read >= max(1, self.window // 2):
-            self.read(step)
-
-    def read(self, step: int) -> None:
-        self.windows += 1
-        fired = []
-        for monitor, report in (("health", self.health.compute()), ("loss", self.losses.compute())):
-            self.history.record(step, report, prefix=f"{monitor}/")
-            for diagnosis in report.diagnoses:
-                fired.append(diagnosis.code)
-                self.windows_fired[diagnosis.code] = self.windows_fired.get(diagnosis.code, 0) + 1
-                self.first_fired.setdefault(
-                    diagnosis.code,
-                    {
-                        "monitor": monitor,
-                        "severity": diagnosis.severity,
-                        "step": step,
-                        "window": [self.last_read + 1, step],
-                        "message": diagnosis.message,
-                        "evidence": dict(diagnosis.evidence),
-                        "suggestion": diagnosis.suggestion,
-                    },
-                )
-        self.health.reset()
-        self.fired_at.append((step, fired))
-        self.last_read = step
-
-    def fired_between(self, first: int, last: int) -> list[str]:
-        """Codes raised by the readings after steps ``first``..``last``, in order, each once."""
-        codes: list[str] = []
-        for step, fired in self.fired_at:
-            if first <= step <= last:
-                codes += [c for c in fired if c not in codes]
-        return codes
-
-    def diagnoses(self) -> list[dict[str, Any]]:
-        return [
-            {"code": code, **info, "windows_fired": self.windows_fired[code], "windows": self.windows}
-            for code, info in sorted(self.first_fired.items(), key=lambda item: item[1]["step"])
-        ]
 
 
 def loss_at_margin_from(
