@@ -26,6 +26,7 @@ __all__ = [
     "check_labels",
     "check_matching_dim",
     "check_real",
+    "check_row_index",
     "describe",
 ]
 
@@ -227,6 +228,37 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
         hi = "inf)" if high is None else f"{high}]"
         raise ValueError(f"{name} must lie in {lo}, {hi}; got {value}")
     return value
+
+
+def check_row_index(index: Any, length: int, name: str = "index") -> Tensor:
+    """Rows of a collection of ``length`` items picked by integer positions or a boolean mask.
+
+    Parameters
+    ----------
+    index : ndarray, Tensor or sequence of int, or a boolean mask of shape (length,)
+    length : int
+        The number of items the positions refer to.
+    name : str
+        The argument's name, used in error messages.
+
+    Returns
+    -------
+    Tensor of shape (n_picked,) and dtype int64
+        Positions in ``[0, length)``, in the order given.
+    """
+    rows = torch.as_tensor(np.asarray(index))
+    if rows.dtype == torch.bool:
+        if rows.shape != (length,):
+            raise ValueError(f"a boolean {name} must have shape ({length},); got {tuple(rows.shape)}")
+        rows = rows.nonzero().squeeze(1)
+    if rows.ndim != 1 or (rows.numel() and rows.dtype not in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must be 1-D integers or a boolean mask; got {describe(index)}")
+    rows = rows.long()
+    if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < length):
+        raise ValueError(
+            f"{name} must lie in [0, {length}); got values in [{int(rows.min())}, {int(rows.max())}]"
+        )
+    return rows
 
 
 def check_bool(value: Any, name: str) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._checks import describe
+from .._checks import check_row_index, describe
 
 __all__ = ["IdentityImages"]
 
@@ -101,18 +101,7 @@ class IdentityImages:
         -------
         IdentityImages
         """
-        rows = torch.as_tensor(np.asarray(index))
-        if rows.dtype == torch.bool:
-            if rows.shape != (len(self),):
-                raise ValueError(f"a boolean index must have shape ({len(self)},); got {tuple(rows.shape)}")
-            rows = rows.nonzero().squeeze(1)
-        if rows.ndim != 1 or (rows.numel() and rows.dtype not in (torch.int32, torch.int64)):
-            raise TypeError(f"index must be 1-D integers or a boolean mask; got {describe(index)}")
-        rows = rows.long()
-        if rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < len(self)):
-            raise ValueError(
-                f"index must lie in [0, {len(self)}); got values in [{int(rows.min())}, {int(rows.max())}]"
-            )
+        rows = check_row_index(index, len(self))
         labels = self.labels[rows]
         names = self.identity_names
         if relabel:
