@@ -158,6 +158,11 @@ def _id_values(ids: np.ndarray) -> list[Any]:
     return ids.tolist()
 
 
+def first_few(values: Sequence[Any] | np.ndarray, limit: int = 5, render: Callable[[Any], str] = repr) -> str:
+    """The first ``limit`` values for an error message or note, then "..." when there are more."""
+    return ", ".join(render(v) for v in values[:limit]) + (", ..." if len(values) > limit else "")
+
+
 def shared_ids(a: np.ndarray, b: np.ndarray) -> list[Any]:
     """The ids in both ``a`` and ``b``, compared by value and type.
 

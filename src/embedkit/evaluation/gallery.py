@@ -49,6 +49,7 @@ from ._inputs import (
     as_embeddings,
     as_image_ids,
     as_labels,
+    first_few,
     progress_bar,
     repeated_ids,
     shared_ids,
@@ -486,7 +487,7 @@ class Gallery:
             return
         shared = shared_ids(self._image_ids, probe_ids)
         if shared:
-            shown = ", ".join(repr(v) for v in shared[:5]) + (", ..." if len(shared) > 5 else "")
+            shown = first_few(shared)
             raise ValueError(
                 f"{len(shared)} image id(s) are both enrolled in the gallery and used as probes: {shown}. "
                 "A probe compared with its own gallery image measures memorisation of the pair, not "

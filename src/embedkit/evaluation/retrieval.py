@@ -45,7 +45,7 @@ from torch import Tensor
 from .._checks import check_choice, check_int, check_ks, check_matching_dim
 from ..labels import encode_label_sets
 from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
-from ._inputs import as_embeddings, as_image_ids, progress_bar, repeated_ids, shared_ids, to_numpy
+from ._inputs import as_embeddings, as_image_ids, first_few, progress_bar, repeated_ids, shared_ids, to_numpy
 from .report import Rate, Report
 from .search import APPROXIMATE_BACKENDS, Backend, recall_against_exact, resolve_backend, search_checked
 
@@ -258,7 +258,7 @@ def retrieval_metrics(
         metrics["map"] = float(ap.mean())
     if counts["queries_without_relevant"]:
         lone = classes[np.unique(q_ids[relevant <= 0])]
-        shown = ", ".join(str(v) for v in lone[:5]) + (", ..." if lone.size > 5 else "")
+        shown = first_few(lone, render=str)
         notes.append(
             f"{counts['queries_without_relevant']} of {q.shape[0]} queries have no relevant reference "
             f"(labels {shown}) and are excluded from every average"
@@ -288,7 +288,7 @@ def _check_image_ids(
         ids = as_image_ids(image_ids, n_queries, "image_ids", rows_name="queries")
         repeats = repeated_ids(ids)
         if repeats:
-            shown = ", ".join(repr(v) for v in repeats[:5]) + (", ..." if len(repeats) > 5 else "")
+            shown = first_few(repeats)
             raise ValueError(
                 f"{len(repeats)} image id(s) occur more than once among the queries: {shown}. With "
                 "reference=None every query is searched among the others, so a repeated image would be "
@@ -307,7 +307,7 @@ def _check_image_ids(
         return False
     shared = shared_ids(q_ids, r_ids)
     if shared:
-        shown = ", ".join(repr(v) for v in shared[:5]) + (", ..." if len(shared) > 5 else "")
+        shown = first_few(shared)
         raise ValueError(
             f"{len(shared)} image id(s) are both queries and references: {shown}. A query that retrieves "
             "its own image measures memorisation, not retrieval; use disjoint images"
