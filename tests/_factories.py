@@ -1,4 +1,4 @@
-"""Shared builders for the loss property, precision and contract tests.
+"""Shared builders for the loss property, precision and contract tests, and the examples' loader.
 
 * ``LOSSES``: every loss configuration under test, by a readable id, built for a
   given number of classes and embedding dimension;
@@ -8,7 +8,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -182,3 +186,20 @@ def labelled_batches(
     for i, j in draw(st.lists(st.tuples(rows, rows), max_size=3)):
         values[j] = values[i]
     return torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(labels)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as module ``name`` (the examples are scripts, not a package)."""
+    sys.path.insert(0, str(EXAMPLES))  # the example imports its sibling _shared
+    try:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return module

@@ -8,33 +8,17 @@ here; and that a seed gives the same numbers twice on the CPU.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _factories import load_example
 from embedkit.datasets import synthetic_identities
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load_example():
-    sys.path.insert(0, str(EXAMPLES))  # the example imports its sibling _shared
-    try:
-        spec = importlib.util.spec_from_file_location("face_finetune", EXAMPLES / "face_finetune.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["face_finetune"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module
-
-
-ff = _load_example()
+ff = load_example("face_finetune")
 
 TINY = dataclasses.replace(
     ff.QUICK,

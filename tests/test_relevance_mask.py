@@ -9,33 +9,17 @@ a seed gives the same numbers twice on the CPU.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _factories import load_example
 from embedkit.monitors import wilson_interval
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load_example():
-    sys.path.insert(0, str(EXAMPLES))  # the example imports its sibling _shared
-    try:
-        spec = importlib.util.spec_from_file_location("relevance_mask", EXAMPLES / "relevance_mask.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["relevance_mask"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module
-
-
-rm = _load_example()
+rm = load_example("relevance_mask")
 
 TINY = dataclasses.replace(
     rm.QUICK,

@@ -9,34 +9,17 @@ gives the same numbers twice on the CPU.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import embedkit as ek
+from _factories import load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load_example():
-    sys.path.insert(0, str(EXAMPLES))  # the example imports its sibling _shared
-    try:
-        spec = importlib.util.spec_from_file_location("triplet_resnext", EXAMPLES / "triplet_resnext.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["triplet_resnext"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return module
-
-
-tr = _load_example()
+tr = load_example("triplet_resnext")
 
 TINY = dataclasses.replace(
     tr.QUICK,
