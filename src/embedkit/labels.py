@@ -148,6 +148,12 @@ def encode_label_sets(
         Equal labels get equal codes across the sets.
     classes : ndarray of shape (n_classes,)
         The distinct labels of all sets; ``classes[codes[k]]`` gives set ``k`` back.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`encode_labels`, naming the set; ``ValueError`` when a set's length is not
+        its ``sizes`` entry.
     """
     encoded = [encode_labels(labels, name) for labels, name in zip(label_sets, names, strict=True)]
     for (codes, _), name, size in zip(encoded, names, sizes or [-1] * len(names), strict=True):
