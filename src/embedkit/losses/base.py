@@ -28,18 +28,26 @@ weights), and loading a checkpoint into a loss built with other values raises a
 
 pytorch-metric-learning's ``ref_emb=`` is answered by a ``TypeError`` that names
 embedkit's ``ref_embeddings=``.
+
+Every loss takes ``reduction="mean" | "sum" | "none"``. ``"none"`` returns one value per
+sample of the batch, shape ``(batch_size,)`` (per anchor for pair losses, per row for
+classifier losses); ``"sum"`` is their sum; ``"mean"`` is the loss as published, which for
+some families is not the plain mean of the per-sample values (each loss's docstring says
+how they relate). ``last_value`` is the returned value for ``"mean"``/``"sum"`` and the mean
+of the per-sample values for ``"none"``.
 """
 
 from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import (
+    check_choice,
     check_class_labels,
     check_embeddings,
     check_labels,
@@ -49,10 +57,13 @@ from .._checks import (
 from ..mining import pair_masks
 from ..similarity import working_dtype
 
-__all__ = ["ClassifierLoss", "HyperChecks", "Loss", "LossSum", "PairBatch", "PairLoss"]
+__all__ = ["ClassifierLoss", "HyperChecks", "Loss", "LossSum", "PairBatch", "PairLoss", "Reduction"]
 
 #: Hyper-parameter name -> a check that returns the checked value or raises.
 HyperChecks = Mapping[str, Callable[[Any], Any]]
+
+Reduction = Literal["mean", "sum", "none"]
+REDUCTIONS = ("mean", "sum", "none")
 
 
 class Loss(nn.Module):
@@ -68,16 +79,31 @@ class Loss(nn.Module):
     #: does), and saved in ``state_dict`` so a checkpoint cannot load into other settings.
     hyper_parameters: ClassVar[HyperChecks] = {}
 
-    def __init__(self) -> None:
+    def __init__(self, *, reduction: Reduction = "mean") -> None:
         super().__init__()
         self._last_value: Tensor | None = None
         self._last_stats: dict[str, Tensor | float] = {}
+        self.reduction: Reduction = reduction
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "reduction":
+            value = check_choice(value, "reduction", REDUCTIONS)
         check = type(self).hyper_parameters.get(name)
         if check is not None:
             value = check(value)
         super().__setattr__(name, value)
+
+    def _reduce(self, per_sample: Tensor, mean: Tensor | None = None) -> Tensor:
+        """Apply ``self.reduction`` to per-sample values of shape ``(batch_size,)``.
+
+        ``mean`` is the family's published mean when it is not ``per_sample.mean()``
+        (e.g. a mean over the anchors that have a positive only).
+        """
+        if self.reduction == "none":
+            return per_sample
+        if self.reduction == "sum":
+            return per_sample.sum()
+        return per_sample.mean() if mean is None else mean
 
     # -- checkpoints -------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -103,7 +129,8 @@ class Loss(nn.Module):
 
     # -- recording -------------------------------------------------------------
     def _record(self, value: Tensor, stats: Mapping[str, Tensor | float]) -> Tensor:
-        self._last_value = value.detach()
+        # Per-sample values (reduction="none") are recorded by their mean: monitors read a scalar.
+        self._last_value = value.detach() if value.dim() == 0 else value.detach().mean()
         self._last_stats = {k: (v.detach() if isinstance(v, Tensor) else float(v)) for k, v in stats.items()}
         return value
 
@@ -236,6 +263,7 @@ class LossSum(Loss):
 
     def __init__(self, terms: Iterable[tuple[float | Tensor, Loss]]) -> None:
         super().__init__()
+        # A sum has no reduction of its own: its terms' reductions decide (and must agree).
         # Each term keeps its weight as a product of factors, multiplied at each call, so a
         # tensor weight stays live through nesting: ``0.5 * (w * a) + b`` still reads ``w``.
         flat: list[tuple[tuple[float | Tensor, ...], Loss]] = []
@@ -307,6 +335,12 @@ class LossSum(Loss):
         if has_ref and not self.accepts_reference:
             names = ", ".join(type(loss).__name__ for loss in self.losses)
             raise TypeError(f"none of the terms ({names}) accepts ref_embeddings/ref_labels")
+        reductions = {loss.reduction for loss in self.losses}
+        if len(reductions) > 1:
+            raise ValueError(
+                "the terms of a LossSum must share one reduction (per-sample values cannot be added "
+                f"to a scalar); got {', '.join(f'{type(l).__name__}: {l.reduction!r}' for l in self.losses)}"
+            )
         total: Tensor | None = None
         stats: dict[str, Tensor | float] = {}
         for i, (weight, loss) in enumerate(self.terms):
@@ -316,7 +350,7 @@ class LossSum(Loss):
                 value = loss(embeddings, labels)
             total = weight * value if total is None else total + weight * value
             prefix = f"{i}.{type(loss).__name__}"
-            stats[f"{prefix}.loss"] = value.detach()
+            stats[f"{prefix}.loss"] = loss._last_value if loss._last_value is not None else value.detach()
             stats.update({f"{prefix}.{k}": v for k, v in loss._last_stats.items()})
         assert total is not None
         return self._record(total, stats)
