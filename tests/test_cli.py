@@ -175,3 +175,20 @@ def test_doctor_is_quiet_on_healthy_clusters(tmp_path: Path, capsys: pytest.Capt
     np.savez(path, embeddings=embeddings.astype(np.float32), labels=labels)
     assert main(["doctor", str(path)]) == 0
     assert "error" not in capsys.readouterr().out.lower()
+
+
+def test_a_closed_pipe_is_not_reported_as_bad_input(
+    files, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # BrokenPipeError is an OSError; evaluate's bad-input handler (exit 2) must let it through
+    # to main(), which ends quietly with 141 (tested end to end in test_packaging).
+    import embedkit.cli as cli
+
+    def closed_pipe(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_evaluate", closed_pipe)
+    gallery, probe = files
+    with pytest.raises(BrokenPipeError):
+        cli._main(["evaluate", "--gallery", str(gallery), "--probe", str(probe)])
+    assert "error" not in capsys.readouterr().err

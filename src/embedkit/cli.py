@@ -157,6 +157,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return run_doctor(args)  # handles its own errors: 0 ok, 1 error diagnosis, 2 bad input
     try:
         return _plot(args) if args.command == "plot" else _evaluate(args)
+    except BrokenPipeError:
+        raise  # an OSError, but not bad input: main() ends quietly with 141
     except (ValueError, TypeError, OSError) as error:
         print(f"embedkit {args.command}: error: {error}", file=sys.stderr)
         return 2
