@@ -25,7 +25,6 @@ once). Run ``python benchmarks/bench_samplers.py`` (under a minute on 2 cores) o
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections.abc import Callable, Iterable
 
@@ -34,6 +33,11 @@ import torch
 from torch.utils.data import BatchSampler
 
 from embedkit.samplers import PKSampler
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_samplers
+    from _table import print_table
+except ImportError:
+    from benchmarks._table import print_table
 
 try:
     from pytorch_metric_learning.samplers import MPerClassSampler
@@ -89,17 +93,11 @@ def main() -> None:
     sizes = [100_000] if args.quick else [100_000, 1_000_000]
     repeats = 1 if args.quick else args.repeats
 
-    print(
-        f"# PKSampler vs MPerClassSampler: p={args.p}, k={args.k}, {args.classes} classes; "
-        f"numpy {np.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"torch threads {torch.get_num_threads()}"
+    title = (
+        f"PKSampler vs MPerClassSampler: p={args.p}, k={args.k}, {args.classes} classes; "
+        f"numpy {np.__version__}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
     )
-    header = (
-        f"{'labels':>9} {'sampler':<16} {'samples/epoch':>13} {'construct s':>11} {'build s':>9} "
-        f"{'epoch s':>9} {'total s':>9}"
-    )
-    print(header)
-    print("-" * len(header))
+    table = []
     for n in sizes:
         labels = np.random.default_rng(n).integers(0, args.classes, size=n)
         # embedkit's runs are cheap: take the best of a few more to steady the numbers.
@@ -114,18 +112,16 @@ def main() -> None:
             rows.append(("PML MPerClass", pml))
         for name, r in rows:
             total = r["construct"] + r["epoch"]
-            print(
-                f"{n:>9,} {name:<16} {int(r['samples']):>13,} {r['construct']:>11.3f} {r['build']:>9.3f} "
-                f"{r['epoch']:>9.3f} {total:>9.3f}"
-            )
+            table.append((n, name, int(r["samples"]), r["construct"], r["build"], r["epoch"], total))
         if len(rows) == 2:
             pml = rows[1][1]
             ratio = {key: pml[key] / ours[key] for key in ("construct", "build", "epoch")}
             total_ratio = (pml["construct"] + pml["epoch"]) / (ours["construct"] + ours["epoch"])
-            print(
-                f"{n:>9,} {'ratio PML/ours':<16} {'':>13} {ratio['construct']:>10.1f}x "
-                f"{ratio['build']:>8.1f}x {ratio['epoch']:>8.1f}x {total_ratio:>8.1f}x"
+            table.append(
+                (n, "ratio PML/ours", "", ratio["construct"], ratio["build"], ratio["epoch"], total_ratio)
             )
+    columns = ("labels", "sampler", "samples/epoch", "construct s", "build s", "epoch s", "total s")
+    print_table(columns, table, title=title)
     if MPerClassSampler is None:
         print("pytorch-metric-learning is not installed: no reference timings")
 

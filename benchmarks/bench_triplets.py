@@ -15,7 +15,6 @@ For ``n`` samples of 64-d Gaussian embeddings with ``n // 4`` classes (about
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
@@ -23,6 +22,11 @@ import torch
 
 import embedkit.samplers.triplets as triplets_module
 from embedkit.samplers import build_triplets
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.bench_triplets
+    from _table import print_table
+except ImportError:
+    from benchmarks._table import print_table
 from embedkit.similarity import pairwise_distance
 
 
@@ -77,8 +81,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sizes = (5_000,) if args.quick else (5_000, 20_000)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}")
-    print(f"{'n':>7} {'triplets':>9} {'embedkit s':>11} {'masking s':>10} {'speed-up':>9} same")
+    rows = []
     for n in sizes:
         rng = np.random.default_rng(0)
         labels = rng.integers(0, n // 4, n)
@@ -96,9 +99,12 @@ def main() -> None:
             triplets_module._semi_hard = original
         same = np.array_equal(result.indices, reference.indices)  # type: ignore[attr-defined]
         count = result.num_triplets  # type: ignore[attr-defined]
-        print(
-            f"{n:>7} {count:>9} {fast_time:>11.2f} {slow_time:>10.2f} {slow_time / fast_time:>8.1f}x {same}"
-        )
+        rows.append((n, count, fast_time, slow_time, slow_time / fast_time, same))
+    print_table(
+        ("n", "triplets", "embedkit s", "masking s", "speed-up", "same triplets"),
+        rows,
+        title=f"semi-hard build_triplets, d=64, torch {torch.__version__}, {torch.get_num_threads()} threads",
+    )
 
 
 if __name__ == "__main__":
