@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from embedkit.losses import ArcFaceLoss, ContrastiveLoss, TripletMarginLoss
-from embedkit.monitors import ClassCollapseMonitor, EmbeddingHealthMonitor, LossMonitor
+from embedkit.monitors import ClassCollapseMonitor, EmbeddingHealthMonitor, LossMonitor, health
 from embedkit.monitors._rows import spread_rows
 from embedkit.monitors.cli import collect_reports
+from embedkit.samplers import PKSampler
 
 DEFAULTS = {
     "labels": None,
@@ -303,3 +304,111 @@ def test_arcface_on_a_dead_backbone_is_loss_falling_at_chance_from_the_documente
     report = monitor.compute()
     assert report["loss_window_change"] < -0.01
     assert report.diagnosis("loss_falling_at_chance") is not None, report.codes
+
+
+# ----------------------------------------------------------------------------- sampler order
+@pytest.mark.parametrize("covariance_rows", [None, 64])
+@pytest.mark.parametrize(("width", "fires"), [(100, True), (300, False)])
+def test_dimensional_collapse_does_not_depend_on_the_sampler_order(
+    width: int, fires: bool, covariance_rows: int | None
+) -> None:
+    # 518 separated classes in a width-dimensional subspace of 512: threshold 0.4 x 512 = 204.8
+    # (rank about 98 for width 100, 277 for width 300, with every row in the covariance).
+    z, labels = bottleneck(0, 518, width=width, dim=512, per_class=8)
+    batches = list(PKSampler(labels.numpy(), p=128, k=8, seed=0))
+    pk_order = torch.tensor([i for batch in batches for i in batch])
+    shuffled = pk_order[torch.randperm(pk_order.numel(), generator=torch.Generator().manual_seed(1))]
+    # The last 1,024 rows of the P x K order hold only 128 classes: counting the classes
+    # there (the pair sample), as earlier versions did, put the threshold at 50.8 and missed
+    # width 100.
+    assert labels[pk_order[-1024:]].unique().numel() == 128
+    reports = []
+    for order in (pk_order, shuffled):
+        monitor = EmbeddingHealthMonitor(covariance_rows=covariance_rows)
+        feed(monitor, z[order], labels[order], batch=128 * 8)
+        reports.append(monitor.compute())
+    for report in reports:
+        assert report.counts["label_classes"] == 518
+        assert (report.diagnosis("dimensional_collapse") is not None) == fires, report["effective_rank"]
+        assert errors(report) == []
+    assert reports[0].codes == reports[1].codes
+
+
+def test_label_classes_count_every_finite_row_with_large_and_negative_ids() -> None:
+    # Large, negative and repeated ids: each counted once, whatever the batch it came in.
+    ids = torch.tensor([-5, 11, 7, 2**40, 2**40 + 1, 65_535, 65_536 + 3, -5, 7])
+    monitor = EmbeddingHealthMonitor(sample_size=2)
+    z = torch.randn(ids.shape[0], 4)
+    z[1] = float("nan")  # a non-finite row's label is not counted
+    feed(monitor, z, ids, batch=2)
+    assert monitor.compute().counts["label_classes"] == 6
+
+
+# ----------------------------------------------------------------------------- exploding norms
+@FAST
+@given(seed=st.integers(0, 2**16), decades=st.floats(1.0, 5.0))
+@example(seed=0, decades=2.7)  # 500-fold: silent
+@example(seed=0, decades=3.3)  # 2,000-fold: fires
+def test_exploding_norms_fires_from_a_thousandfold_growth(seed: int, decades: float) -> None:
+    # A healthy embedding whose later rows are scaled up: the ranking (AUC) is unchanged.
+    z, labels, gen = identities(seed, classes=20, per_class=12, dim=32, spread=0.5)
+    order = torch.randperm(z.shape[0], generator=gen)
+    z, labels = z[order], labels[order]
+    z[64:] *= 10**decades
+    monitor = EmbeddingHealthMonitor(sample_size=64)
+    feed(monitor, z, labels, batch=16)
+    report = monitor.compute()
+    norms = z.norm(dim=1)
+    measured = float(norms[-64:].mean() / norms[:64].mean())
+    assert report["recent_mean_norm"] / report["early_mean_norm"] == pytest.approx(measured, rel=1e-5)
+    diagnosis = report.diagnosis("exploding_norms")
+    assert (diagnosis is not None) == (measured >= 1e3), measured
+    assert report["auc"] > 0.95 and errors(report) == []
+    if diagnosis is not None:
+        assert diagnosis.severity == "warning"
+        assert diagnosis.evidence["norm_growth"] == pytest.approx(measured, rel=1e-5)
+
+
+@pytest.mark.parametrize(("scale", "fires"), [(0.5, False), (2.0, True)])
+def test_exploding_norms_fires_near_float32_overflow_without_growth(scale: float, fires: bool) -> None:
+    z, labels, _ = identities(0, classes=20, per_class=12, dim=32, spread=0.5)
+    z = torch.nn.functional.normalize(z, dim=1) * scale * health.NORM_LIMIT
+    monitor = EmbeddingHealthMonitor(sample_size=64)
+    feed(monitor, z, labels)
+    report = monitor.compute()
+    assert report["recent_mean_norm"] / report["early_mean_norm"] == pytest.approx(1.0)
+    assert (report.diagnosis("exploding_norms") is not None) == fires
+    assert errors(report) == []
+
+
+def _train_unnormalised_soft_triplet(lr: float) -> object:
+    """A soft-margin triplet loss on unnormalised embeddings: scaling them up lowers the loss."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(32).repeat_interleave(8)
+    inputs = 2 * torch.randn(32, 16, generator=gen)[labels] + torch.randn(labels.shape[0], 16, generator=gen)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16))
+    loss_fn = TripletMarginLoss(0.2, mining="batch_hard", soft_margin=True, normalize=False)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    sampler = PKSampler(labels.numpy(), p=8, k=4, seed=0)
+    monitor = EmbeddingHealthMonitor(sample_size=256)
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            embeddings = net(inputs[batch])
+            loss = loss_fn(embeddings, labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.update(embeddings.detach(), labels[batch])
+    return monitor.compute()
+
+
+@pytest.mark.parametrize(("lr", "fires"), [(0.05, False), (0.5, True)])
+def test_a_diverging_unnormalised_loss_is_exploding_norms(lr: float, fires: bool) -> None:
+    report = _train_unnormalised_soft_triplet(lr)
+    assert (report.diagnosis("exploding_norms") is not None) == fires, (  # type: ignore[attr-defined]
+        report["early_mean_norm"],  # type: ignore[index]
+        report["recent_mean_norm"],  # type: ignore[index]
+    )
+    assert errors(report) == []

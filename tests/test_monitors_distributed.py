@@ -162,6 +162,31 @@ def test_a_process_with_few_rows_leaves_its_share_of_the_pair_sample_to_the_othe
     assert [(tmp_path / f"sample{rank}.txt").read_text() for rank in range(2)] == ["64", "64"]  # 3 + 61
 
 
+def _disjoint_classes_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        # Each process sees its own 25 classes (as a sharded P x K sampler may): the
+        # dimensional_collapse reference counts the 50 classes of both.
+        labels = torch.arange(25).repeat_interleave(4) + 25 * rank
+        combined, local = EmbeddingHealthMonitor(), EmbeddingHealthMonitor(sync_on_compute=False)
+        for monitor in (combined, local):
+            monitor.update(torch.randn(100, DIM), labels)
+        counts = [monitor.compute().counts["label_classes"] for monitor in (combined, local)]
+        Path(out_dir, f"classes{rank}.json").write_text(json.dumps(counts))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
+def test_classes_seen_by_either_process_are_counted_once(tmp_path: Path) -> None:
+    _run_two_processes(_disjoint_classes_worker, tmp_path)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"classes{rank}.json").read_text()) == [50, 25]
+
+
 def test_shares_of_the_pair_sample() -> None:
     assert _distributed.fair_shares([3, 100], 64) == [3, 61]
     assert _distributed.fair_shares([50, 50, 50], 64) == [22, 21, 21]

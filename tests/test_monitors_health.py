@@ -244,6 +244,10 @@ def test_statistics_match_a_plain_recomputation(seed: int, n: int, dim: int, bat
     assert report["norm_std"] == pytest.approx(float(norms.std(unbiased=False)), abs=1e-9)
     assert report["min_norm"] == pytest.approx(float(norms.min()))
     assert report["max_norm"] == pytest.approx(float(norms.max()))
+    # sample_size = n: the first sample_size rows and the sample are every row.
+    assert report["early_mean_norm"] == pytest.approx(float(norms.mean()))
+    assert report["recent_mean_norm"] == pytest.approx(float(norms.mean()))
+    assert report.counts["label_classes"] == labels.unique().numel()
     cos = _cosines(z)
     off = ~torch.eye(n, dtype=torch.bool)
     assert report["mean_pairwise_cosine"] == pytest.approx(float(cos[off].mean()), abs=1e-9)

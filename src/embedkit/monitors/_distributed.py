@@ -21,6 +21,7 @@ __all__ = [
     "fair_shares",
     "gather_rows",
     "gather_same_shape",
+    "max_across",
     "process_count",
     "process_index",
     "reduce_min_max",
@@ -82,6 +83,13 @@ def reduce_min_max(low: Tensor, high: Tensor, group: Any = None) -> tuple[Tensor
     both = torch.stack([-low, high])  # max(-low) = -min(low)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     return -both[0], both[1]
+
+
+def max_across(tensor: Tensor, group: Any = None) -> Tensor:
+    """The element-wise maximum of ``tensor`` over the processes (a copy; one collective)."""
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    return out
 
 
 def gather_same_shape(tensor: Tensor, group: Any = None) -> Tensor:

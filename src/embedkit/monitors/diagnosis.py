@@ -37,6 +37,7 @@ CODES: tuple[str, ...] = (
     "complete_collapse",
     "dimensional_collapse",
     "mean_offset",
+    "exploding_norms",
     "no_separation",
     "paired_shortcut",
     "loss_at_margin",

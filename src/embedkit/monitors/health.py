@@ -3,7 +3,8 @@
 :class:`EmbeddingHealthMonitor` watches the embeddings themselves and names the
 failures of case studies 03 and 04: every embedding the same point
 (``complete_collapse``), embeddings confined to a few directions
-(``dimensional_collapse``), same-identity pairs no closer than different-identity
+(``dimensional_collapse``), norms that grew by orders of magnitude
+(``exploding_norms``), same-identity pairs no closer than different-identity
 pairs (``no_separation``), a paired similarity that does not carry over to other
 images of the same identity (``paired_shortcut``), and NaN/inf rows (``non_finite``).
 
@@ -12,6 +13,10 @@ What is exact and what is sampled
 Exact over every row since the last reset (streaming sums, O(d) memory):
 
 * N, the norm statistics (Σ‖z‖, Σ‖z‖², min, max) and the non-finite row count;
+* the mean norm of the first ``sample_size`` rows (whole batches), for the growth of the
+  norms;
+* with labels, the number of distinct labels of the finite rows, in a bitmap of 65,536
+  label codes (label mod 65,536: exact unless two ids seen differ by a multiple of it);
 * Σẑ of the ℓ2-normalised embeddings ẑ and the number of non-zero rows, giving the
   mean pairwise cosine over *all* pairs, (‖Σẑ‖² − Σ‖ẑ‖²) / (N(N − 1));
 * with ``paired_embeddings``, the paired similarity mean cos(z_i, p_i).
@@ -60,6 +65,7 @@ from ._distributed import (
     fair_shares,
     gather_rows,
     gather_same_shape,
+    max_across,
     process_count,
     process_index,
     reduce_min_max,
@@ -96,6 +102,17 @@ SEPARATED_AUC = 0.95
 #: 0.92 at N = 2m, 0.99 at N = 10m; measured for m = 9 to 512); the threshold is half of
 #: that worst case.
 RANK_FRACTION = 0.4
+#: dimensional_collapse counts the classes of every labelled row in a bitmap of this many
+#: label codes (label mod LABEL_CODES): exact for labels within any range of this many
+#: consecutive ids, a lower bound otherwise; 64 KiB per monitor, combined across processes
+#: by a maximum. The count matters only below d + 1 classes.
+LABEL_CODES = 1 << 16
+#: exploding_norms: mean norm of the most recent sample_size rows at least this multiple
+#: of that of the first sample_size rows (three orders of magnitude) ...
+NORM_GROWTH = 1e3
+#: ... or a norm at or above this: a float32 sum of squares over 1,024 such rows (a batch's
+#: Σ‖z‖², a covariance trace) overflows, sqrt(3.4e38 / 1024).
+NORM_LIMIT = math.sqrt(float(torch.finfo(torch.float32).max) / 1024)
 #: A note is added when fewer than this many samples per dimension were seen.
 SAMPLES_PER_DIM = 10
 #: no_separation: AUC of positive vs negative similarities below this.
@@ -132,6 +149,11 @@ class _HealthState:
     sum_unit: Tensor  # (d,) Σẑ
     # (3,) float64: rows with a usable pair, Σ cos(z_i, p_i) over them, non-finite paired rows
     paired_sums: Tensor
+    # (2,) float64: Σ‖z‖ and finite rows of the first batches, until sample_size rows were seen
+    early_norms: Tensor
+    # (LABEL_CODES + 1,) uint8, with labels: 1 where a finite row had label ≡ code mod
+    # LABEL_CODES (the last entry collects the non-finite rows)
+    label_seen: Tensor | None
     # The most recent batches' last rows, until they are no longer among the last
     # sample_size rows (see _store_sample).
     recent: deque[_RecentRows]
@@ -194,7 +216,9 @@ class EmbeddingHealthMonitor:
     Statistics (keys of the report):
 
     * exact: ``num_samples``, ``mean_norm``, ``norm_std``, ``min_norm``, ``max_norm``,
-      ``mean_pairwise_cosine``, ``paired_similarity``;
+      ``mean_pairwise_cosine``, ``paired_similarity``, ``early_mean_norm`` (mean norm of
+      the first ``sample_size`` rows, in whole batches); with labels,
+      ``counts["label_classes"]`` (distinct labels of every finite row);
     * from the covariance (``covariance_rows`` of each batch): ``effective_rank``
       (RankMe: σ_k = sqrt of the eigenvalues of the centred covariance M / N,
       p_k = σ_k / Σσ + ε with ε = 1e-7, erank = exp(−Σ p_k log p_k);
@@ -205,8 +229,9 @@ class EmbeddingHealthMonitor:
       for the spread inside each batch, pooled: 0 when every batch is one point, even
       a point that moves between batches; measured on the sampled covariance rows, NaN
       without a batch of two finite ones);
-    * sampled: ``normalized_std`` (mean over dimensions of the std of ẑ; about 1/√d
-      when isotropic, 0 when collapsed), ``mean_positive_similarity``,
+    * sampled: ``recent_mean_norm`` (mean norm of the sample), ``normalized_std`` (mean
+      over dimensions of the std of ẑ; about 1/√d when isotropic, 0 when collapsed),
+      ``mean_positive_similarity``,
       ``mean_negative_similarity``, ``positive_similarity_std``,
       ``negative_similarity_std``, ``auc`` (probability that a same-label pair is more
       similar than a different-label pair, ties ½),
@@ -267,6 +292,10 @@ class EmbeddingHealthMonitor:
             max_norm=f64(fill=-math.inf),
             sum_unit=f64(d),
             paired_sums=f64(3),
+            early_norms=f64(2),
+            label_seen=torch.zeros(LABEL_CODES + 1, dtype=torch.uint8, device=device)
+            if with_labels
+            else None,
             recent=deque(),
             recent_rows=0,
         )
@@ -326,6 +355,12 @@ class EmbeddingHealthMonitor:
             # Σẑ = Σ z_i / ‖z_i‖ with zero rows left out, as l2_normalize does, as one
             # vector-matrix product (the norms are needed anyway).
             facts = _BatchFacts(count, mean, finite, norms, inverse_norm @ z, None, None)
+            if state.seen < self.sample_size:
+                state.early_norms += torch.stack([norms.sum(), finite.sum()]).double()
+            if labels is not None and state.label_seen is not None:
+                # The low 16 bits: label mod LABEL_CODES, also for negative labels.
+                codes = torch.where(finite, labels & (LABEL_CODES - 1), LABEL_CODES)
+                state.label_seen.index_fill_(0, codes, 1)
             paired, usable = None, finite
             if paired_embeddings is not None:
                 # Not zeroed: a NaN/inf paired row has a non-finite norm (and cosine), is
@@ -464,10 +499,12 @@ class EmbeddingHealthMonitor:
         groups = gather_same_shape(torch.cat([s.covariance_n[None], s.mean]), group)
         total, mean, deviations = _pool(groups[:, 0], groups[:, 1:])
         seen = torch.tensor([s.seen], dtype=torch.int64, device=s.mean.device)
-        parts = [seen, s.row_sums, s.scatter, s.within_batch, s.sum_unit, s.paired_sums]
-        seen, row_sums, scatter, within_batch, sum_unit, paired_sums = sum_across(parts, group)
+        parts = [seen, s.row_sums, s.scatter, s.within_batch, s.sum_unit, s.paired_sums, s.early_norms]
+        seen, row_sums, scatter, within_batch, sum_unit, paired_sums, early_norms = sum_across(parts, group)
         scatter.addmm_(deviations.T, deviations)
         min_norm, max_norm = reduce_min_max(s.min_norm, s.max_norm, group)
+        # A class seen by any process is seen.
+        label_seen = None if s.label_seen is None else max_across(s.label_seen, group)
         # Each process's most recent rows, sample_size in all: an even share from each,
         # and the shares of processes with fewer rows go to the others.
         kept = min(sum(rows.usable.shape[0] for rows in s.recent), self.sample_size)
@@ -497,6 +534,8 @@ class EmbeddingHealthMonitor:
             max_norm=max_norm,
             sum_unit=sum_unit,
             paired_sums=paired_sums,
+            early_norms=early_norms,
+            label_seen=label_seen,
             recent=deque([recent]),
             recent_rows=usable.shape[0],
         )
@@ -542,6 +581,10 @@ class EmbeddingHealthMonitor:
 
         nc = int(s.covariance_n)
         counts["covariance_samples"] = nc
+        label_classes = None
+        if s.label_seen is not None:
+            label_classes = int(s.label_seen[:LABEL_CODES].sum())
+            counts["label_classes"] = label_classes
         metrics = self._global_statistics(s, n, nc)
         caution = None
         if nc < SAMPLES_PER_DIM * d:
@@ -569,9 +612,12 @@ class EmbeddingHealthMonitor:
             offset = _mean_offset(metrics, n, separated)
             if offset is not None:
                 diagnoses.append(offset)
-            dimensional = _dimensional_collapse(metrics, nc, d, sample.num_label_classes, caution)
+            dimensional = _dimensional_collapse(metrics, nc, d, label_classes, caution)
             if dimensional is not None:
                 diagnoses.append(dimensional)
+        exploding = _exploding_norms(metrics, n)
+        if exploding is not None:
+            diagnoses.append(exploding)
         separation = _no_separation(metrics, sample.counts, collapsed=collapse is not None)
         if separation is not None:
             diagnoses.append(separation)
@@ -626,6 +672,8 @@ class EmbeddingHealthMonitor:
                 (float(unit_sum @ unit_sum) - nonzero) / (n * (n - 1)) if n > 1 else math.nan
             ),
         }
+        early_sum, early_rows = s.early_norms.tolist()
+        metrics["early_mean_norm"] = early_sum / early_rows if early_rows else math.nan
         paired_count, paired_cos_sum, _ = s.paired_sums.tolist()
         if paired_count > 0:
             metrics["paired_similarity"] = paired_cos_sum / paired_count
@@ -638,6 +686,8 @@ class EmbeddingHealthMonitor:
         z = torch.cat([rows.embeddings for rows in s.recent])[last][usable]
         m = z.shape[0]
         out.counts["sample_rows"] = m
+        if m:
+            out.metrics["recent_mean_norm"] = float(torch.linalg.vector_norm(z, dim=1).double().mean())
         if m < 2:
             return out
         upper = torch.triu(torch.ones(m, m, dtype=torch.bool, device=z.device), diagonal=1)
@@ -651,7 +701,6 @@ class EmbeddingHealthMonitor:
         if not self._with_labels:
             return out
         labels = torch.cat([rows.labels for rows in s.recent if rows.labels is not None])[last][usable]
-        out.num_label_classes = int(torch.unique(labels).numel())
         same = labels[:, None] == labels[None, :]
         positive, negative = upper & same, upper & ~same
         out.counts["positive_pairs"] = int(positive.sum())
@@ -720,7 +769,6 @@ class _SampleStatistics:
     metrics: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    num_label_classes: int | None = None
 
 
 def _separation(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
@@ -830,13 +878,15 @@ def _mean_offset(metrics: dict[str, float], n: int, separated: bool) -> Diagnosi
 
 
 def _dimensional_collapse(
-    metrics: dict[str, float], n: int, d: int, num_label_classes: int | None, caution: str | None
+    metrics: dict[str, float], n: int, d: int, label_classes: int | None, caution: str | None
 ) -> Diagnosis | None:
+    # The classes of every row seen, like the rank: counted over the last rows only, the
+    # reference would depend on the sampler's order (P x K batches hold few classes each).
     reference = min(d, n - 1)
     basis = f"min(d, N - 1) = min({d}, {n - 1})"
-    if num_label_classes is not None and num_label_classes >= 2:
-        reference = min(reference, num_label_classes - 1)
-        basis = f"min(d, N - 1, classes - 1) = min({d}, {n - 1}, {num_label_classes - 1})"
+    if label_classes is not None and label_classes >= 2:
+        reference = min(reference, label_classes - 1)
+        basis = f"min(d, N - 1, classes - 1) = min({d}, {n - 1}, {label_classes - 1})"
     threshold = RANK_FRACTION * reference
     rank = metrics["effective_rank"]
     if not rank < threshold:
@@ -850,6 +900,8 @@ def _dimensional_collapse(
         "samples": n,
         "embedding_dim": d,
     }
+    if label_classes is not None:
+        evidence["label_classes"] = label_classes
     if caution is not None:
         evidence["caution"] = caution
     return Diagnosis(
@@ -862,6 +914,51 @@ def _dimensional_collapse(
         suggestion="Add a projection head and monitor the representation before it, lower the weight decay "
         "or learning rate of the last layers, use stronger augmentations or more negatives; a "
         "decorrelation term (VICReg/Barlow Twins) counters it directly.",
+    )
+
+
+def _exploding_norms(metrics: dict[str, float], n: int) -> Diagnosis | None:
+    """Warning: the norms grew by orders of magnitude, or near where float32 sums of squares overflow."""
+    early, recent, largest = (
+        metrics["early_mean_norm"],
+        metrics.get("recent_mean_norm", math.nan),
+        metrics["max_norm"],
+    )
+    growth = recent / early if early > 0 else math.nan
+    grew = growth >= NORM_GROWTH  # NaN compares False
+    overflowing = largest >= NORM_LIMIT
+    if not (grew or overflowing):
+        return None
+    parts = []
+    if grew:
+        parts.append(
+            f"the mean embedding norm grew {growth:.3g}-fold since the last reset ({early:.3g} in the "
+            f"first rows, {recent:.3g} in the most recent ones; the threshold is {NORM_GROWTH:,.0f}-fold)"
+        )
+    if overflowing:
+        parts.append(
+            f"the largest norm {largest:.3g} is at or above {NORM_LIMIT:.3g}, where a float32 sum of "
+            "squares over a batch of 1,024 such rows overflows"
+        )
+    return Diagnosis(
+        "exploding_norms",
+        "warning",
+        "; and ".join(parts),
+        evidence={
+            "norm_growth": growth,
+            "growth_threshold": NORM_GROWTH,
+            "early_mean_norm": early,
+            "recent_mean_norm": recent,
+            "mean_norm": metrics["mean_norm"],
+            "max_norm": largest,
+            "norm_limit": NORM_LIMIT,
+            "auc": metrics.get("auc", math.nan),
+            "samples": n,
+        },
+        suggestion="Lower the learning rate or clip gradients; a loss on unnormalised embeddings that "
+        "rewards distance without bound (a soft-margin triplet or a contrastive loss without margin) grows "
+        "them: L2-normalise the embeddings in the loss, or add weight decay or a norm penalty. If the first "
+        "embeddings were near zero by design (a zero-initialised head), the growth is expected.",
     )
 
 
