@@ -232,3 +232,78 @@ def test_recall_against_exact() -> None:
     _, ivf = knn(x[:50], x, 10, backend="faiss-ivf", nlist=16, nprobe=1)
     recall, checked = knn_module.recall_against_exact(x[:50], x, ivf, sample=1000)
     assert checked == 50 and 0.0 < recall < 1.0
+
+
+# --- ties: one order, by index, whatever the back-end and the depth ------------------------------
+
+
+def duplicated_set(seed: int, n_base: int, dim: int, copies: int) -> np.ndarray:
+    """``n_base`` random vectors, each present ``copies`` times, shuffled (ties everywhere)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n_base, dim)).astype(np.float32)
+    return np.repeat(base, copies, axis=0)[rng.permutation(n_base * copies)]
+
+
+def assert_ties_by_index(scores: np.ndarray, indices: np.ndarray) -> None:
+    tied = scores[:, 1:] == scores[:, :-1]
+    assert not (tied & (indices[:, 1:] < indices[:, :-1])).any()
+
+
+def test_faiss_gives_duplicates_unequal_scores_that_knn_ties() -> None:
+    # FAISS's BLAS blocks give exact duplicates scores one ulp apart at d = 128 (measured: about
+    # 6% of the queries here); knn re-scores such near-ties exactly, so duplicates tie.
+    x = duplicated_set(0, 500, 128, 2)
+    twin = np.array([np.flatnonzero((x == row).all(axis=1)) for row in x])  # (1000, 2): both copies
+    for backend in ("faiss", "torch"):
+        scores, indices = knn(x, None, 2, backend=backend)
+        assert (scores[:, 0] == scores[:, 1]).all(), backend
+        np.testing.assert_array_equal(indices, twin)  # both copies, lower index first
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_tied_neighbours_come_by_index_on_every_backend_and_depth(metric: str, exclude_self: bool) -> None:
+    x = duplicated_set(1, 40, 6, 4)
+    queries, reference = (x, None) if exclude_self else (x[:60], x[60:])
+    deepest = 100
+    found = {
+        (backend, k): knn(queries, reference, k, metric=metric, backend=backend, exclude_self=exclude_self)
+        for backend in ("faiss", "torch")
+        for k in (1, 2, 3, 7, deepest)
+    }
+    for (backend, k), (scores, indices) in found.items():
+        assert_ties_by_index(scores, indices)
+        # the same neighbours whatever the back-end, and the first k of a deeper search
+        np.testing.assert_array_equal(indices, found[("torch", k)][1], err_msg=f"{backend} k={k}")
+        np.testing.assert_array_equal(
+            indices, found[(backend, deepest)][1][:, :k], err_msg=f"{backend} k={k}"
+        )
+
+
+def test_a_tie_across_the_cut_off_is_settled_among_all_references() -> None:
+    # 30 copies of one vector scattered among other vectors: a query equal to it ties with all
+    # 30, far more than k; the k copies with the lowest indices are returned, in index order.
+    rng = np.random.default_rng(2)
+    reference = rng.standard_normal((400, 16)).astype(np.float32)
+    copies = np.sort(rng.choice(400, 30, replace=False))
+    reference[copies] = reference[copies[-1]]
+    query = reference[copies[:1]] * 3.0  # cosine 1 to every copy
+    for backend in ("faiss", "torch"):
+        for k in (1, 5, 29):
+            scores, indices = knn(query, reference, k, backend=backend)
+            np.testing.assert_array_equal(indices[0], copies[:k], err_msg=f"{backend} k={k}")
+            assert (scores == scores[0, 0]).all()
+
+
+def test_tie_order_of_search_checked_puts_flagged_references_last() -> None:
+    x = torch.from_numpy(duplicated_set(3, 20, 5, 3))
+    last = np.zeros(60, dtype=bool)
+    last[::2] = True  # even indices go after odd ones among equal scores
+    for backend in ("faiss", "torch"):
+        scores, indices = knn_module.search_checked(
+            x, None, 4, backend=backend, exclude_self=True, tie_order=lambda rows, cols: last[cols]
+        )
+        scores, indices = np.asarray(scores), np.asarray(indices)
+        tied = scores[:, 1:] == scores[:, :-1]
+        key = last[indices].astype(np.int64) * 1000 + indices  # flagged after, then by index
+        assert not (tied & (key[:, 1:] < key[:, :-1])).any(), backend

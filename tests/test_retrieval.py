@@ -14,6 +14,7 @@ from sklearn.metrics import average_precision_score
 
 from embedkit.evaluation.report import Rate
 from embedkit.evaluation.retrieval import hit_chance, retrieval_metrics
+from embedkit.evaluation.search import knn
 
 PML_KEYS = {
     "precision@1": "precision_at_1",
@@ -35,26 +36,49 @@ def pml(queries, query_labels, reference=None, reference_labels=None) -> dict[st
     return calculator.get_accuracy(*args)
 
 
-def slow_reference(queries, query_labels, reference, reference_labels, self_mode, ks):
-    """Musgrave et al.'s definitions, one query at a time, from a full sort."""
-    q, r = normalised(queries.astype(np.float64)), normalised(reference.astype(np.float64))
+def exact_scores(queries: np.ndarray, reference: np.ndarray, metric: str = "cosine") -> np.ndarray:
+    """Every (query, reference) score, pair by pair in float64, rounded to float32.
+
+    Elementwise (no matrix product, whose blocking can round exact duplicates differently), so
+    identical references get identical scores: the library's definition of a tie.
+    """
+    q, r = queries.astype(np.float64), reference.astype(np.float64)
+    if metric == "cosine":
+        q, r = normalised(q), normalised(r)
+    if metric in ("cosine", "dot"):
+        scores = (q[:, None, :] * r[None, :, :]).sum(axis=2)
+    else:
+        scores = -np.sqrt(((q[:, None, :] - r[None, :, :]) ** 2).sum(axis=2))
+    return scores.astype(np.float32)
+
+
+def slow_reference(queries, query_labels, reference, reference_labels, self_mode, ks, metric="cosine"):
+    """Musgrave et al.'s definitions, one query at a time, from a full sort.
+
+    Ties pessimistically: among references with equal scores, irrelevant ones rank first.
+    "map" is the average precision of that ranking over all references.
+    """
+    all_scores = exact_scores(queries, reference, metric)
     results: dict[str, list[float]] = {}
-    for i in range(len(q)):
-        scores = r @ q[i]
-        keep = np.ones(len(r), bool)
+    for i in range(len(queries)):
+        keep = np.ones(len(reference), bool)
         if self_mode:
             keep[i] = False
-        order = np.argsort(-scores[keep], kind="stable")
-        relevant = (reference_labels[keep] == query_labels[i])[order]
+        scores = all_scores[i, keep]
+        is_relevant = reference_labels[keep] == query_labels[i]
+        order = np.lexsort((is_relevant, -scores))  # by score, irrelevant first among equals
+        relevant = is_relevant[order]
         big_r = int(relevant.sum())
         if big_r == 0:
             continue
         first_r = relevant[:big_r]
         precisions = np.cumsum(first_r) / np.arange(1, big_r + 1)
+        everywhere = np.cumsum(relevant) / np.arange(1, len(relevant) + 1)
         row = {
             "precision@1": float(relevant[0]),
             "r_precision": first_r.sum() / big_r,
             "map@r": (precisions * first_r).sum() / big_r,
+            "map": (everywhere * relevant).sum() / big_r,
         }
         for k in ks:
             row[f"recall@{k}"] = float(relevant[:k].any())
@@ -102,19 +126,27 @@ def test_equals_slow_reference(random_set, self_mode: bool) -> None:
     np.testing.assert_allclose(ours.curves["cmc"][[0, 2, 9, 39]], [want[f"recall@{k}"] for k in ks])
 
 
-def test_map_equals_sklearn_average_precision_with_ties() -> None:
+def test_map_with_ties_is_the_pessimistic_average_precision() -> None:
     rng = np.random.default_rng(3)
     # small-integer embeddings and the dot product: many exactly tied scores (exact in float32),
     # between relevant and irrelevant references alike
     x = rng.integers(-2, 3, size=(150, 3)).astype(np.float32)
     y = rng.integers(0, 4, 150)
+    want = slow_reference(x, y, x, y, True, (1, 5), metric="dot")
+    for backend in ("faiss", "torch"):
+        report = retrieval_metrics(
+            x, y, ks=(1, 5), metric="dot", backend=backend, chunk_size=7, compute_map=True
+        )
+        for key, value in want.items():
+            assert report[key] == pytest.approx(value, abs=1e-12), (backend, key)
+    # scikit-learn counts tied relevant references at the end of their tie all together, which
+    # can score above every ordering of the tie; the pessimistic value is never above it
     scores = x.astype(np.float64) @ x.astype(np.float64).T
-    expected = []
-    for i in range(150):
-        keep = np.arange(150) != i
-        expected.append(average_precision_score(y[keep] == y[i], scores[i, keep]))
-    report = retrieval_metrics(x, y, metric="dot", chunk_size=7, compute_map=True)
-    assert report["map"] == pytest.approx(np.mean(expected), abs=1e-12)
+    keep = ~np.eye(150, dtype=bool)
+    sklearn_map = np.mean(
+        [average_precision_score(y[keep[i]] == y[i], scores[i, keep[i]]) for i in range(150)]
+    )
+    assert want["map"] < sklearn_map
 
 
 def test_map_is_exact_beyond_the_search_depth(random_set) -> None:
@@ -378,3 +410,136 @@ def test_string_labels_give_the_metrics_of_their_integer_codes() -> None:
     # An integer and its string are different labels: nothing is relevant across the types.
     with pytest.raises(ValueError, match="none of the 60 queries has a relevant reference"):
         retrieval_metrics(x, y, ref, [str(c) for c in ry])
+
+
+# --- ties: one pessimistic rule for every metric, back-end and depth -----------------------------
+
+
+def duplicates_under_other_labels(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """90 random vectors in 6 dimensions, 60 of them present two or three times, each copy with
+    a label of its own (often not the original's): ties between relevant and irrelevant."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((90, 6)).astype(np.float32)
+    x = np.concatenate([base, base[:60], base[30:60]])
+    y = rng.integers(0, 5, len(x))
+    order = rng.permutation(len(x))
+    return x[order], y[order]
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("self_mode", [True, False])
+def test_exact_duplicates_under_other_labels_count_against_the_model(metric: str, self_mode: bool) -> None:
+    # Every metric equals the slow pessimistic reference, on FAISS and torch, for every ks.
+    x, y = duplicates_under_other_labels(4)
+    split = (x, y, None, None) if self_mode else (x[:70], y[:70], x[70:], y[70:])
+    reference = (x, y) if self_mode else (x[70:], y[70:])
+    want = slow_reference(split[0], split[1], *reference, self_mode, (1, 2, 5, 100), metric=metric)
+    for backend in ("faiss", "torch"):
+        for ks in ((1,), (2,), (1, 100), (1, 2, 5, 100)):
+            report = retrieval_metrics(*split, ks=ks, metric=metric, backend=backend, compute_map=True)
+            assert set(report) == {"precision@1", "r_precision", "map@r", "map"} | {
+                f"{name}@{k}" for name in ("recall", "precision") for k in ks
+            }
+            for key in report:
+                assert report[key] == pytest.approx(want[key], abs=1e-12), (backend, ks, key)
+    # the set holds what the test is about: queries whose best score is shared by a relevant
+    # and an irrelevant reference
+    scores = exact_scores(split[0], reference[0], metric)
+    if self_mode:
+        np.fill_diagonal(scores, -np.inf)
+    top = scores == scores.max(axis=1, keepdims=True)
+    same = reference[1][None, :] == split[1][:, None]
+    assert ((top & same).any(axis=1) & (top & ~same).any(axis=1)).sum() >= 5
+
+
+def test_a_relevant_reference_tied_with_irrelevant_ones_beyond_the_search_depth() -> None:
+    # One query, R = 1: the search depth is max(R, k) = 1. Its relevant reference (index 0)
+    # has five exact duplicates with other labels at higher indices, beyond that depth. By
+    # index order the relevant one would come first; pessimistically it comes sixth.
+    far = np.random.default_rng(5).standard_normal((20, 4)).astype(np.float32) - 10.0
+    reference = np.concatenate([np.tile([[1.0, 0.2, 0.0, 0.0]], (6, 1)).astype(np.float32), far])
+    labels = np.array([7, 1, 2, 3, 1, 2, *range(20, 40)])
+    query = np.array([[1.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    for backend in ("faiss", "torch"):
+        for ks in ((1,), (1, 5, 6)):
+            report = retrieval_metrics(
+                query, [7], reference, labels, ks=ks, backend=backend, compute_map=True
+            )
+            assert report.counts["search_depth"] == max(ks)
+            assert report["precision@1"] == report["r_precision"] == report["map@r"] == 0.0, backend
+            assert report["map"] == pytest.approx(1 / 6)
+            if 6 in ks:
+                assert (report["recall@5"], report["recall@6"]) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_precision_at_1_is_the_hit_rate_of_knn(backend: str) -> None:
+    # The acceptance test of the tie rule. knn(k=1) breaks a tie by index, so its hit rate is
+    # the pessimistic precision@1 only when, in every mixed tie, the irrelevant reference has
+    # the lower index: (a) such a set, compared directly; (b) any set, where a knn(k=1) hit counts
+    # only if no irrelevant reference ties the top score (read from the full knn ranking, whose
+    # tied scores are exactly equal).
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((60, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, 60)
+    # (a) copies first, each under a label of its own (irrelevant to every query), the
+    # originals after them: every copy ties with its original and comes first by index
+    x = np.concatenate([base[:25], base])
+    y = np.concatenate([100 + np.arange(25), labels])
+    _, top = knn(x, None, 1, backend=backend, exclude_self=True)
+    hits = y[top[:, 0]] == y
+    report = retrieval_metrics(x, y, ks=(1,), backend=backend)
+    has_relevant = np.bincount(y)[y] > 1  # the copies have no relevant reference: not evaluated
+    assert report.rate("precision@1").hits == int(hits[has_relevant].sum())
+    assert report["precision@1"] == pytest.approx(hits[has_relevant].mean())
+    # (b) shuffled: knn(k=1) alone would sometimes pick the relevant copy of a mixed tie
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    scores, ranked = knn(x, None, len(x) - 1, backend=backend, exclude_self=True)
+    tied_with_top = scores == scores[:, :1]
+    clean_hit = np.where(tied_with_top, y[ranked] == y[:, None], True).all(axis=1)
+    report = retrieval_metrics(x, y, ks=(1,), backend=backend)
+    assert report["precision@1"] == pytest.approx(clean_hit[has_relevant[order]].mean())
+    _, top = knn(x, None, 1, backend=backend, exclude_self=True)
+    assert report["precision@1"] < (y[top[:, 0]] == y)[has_relevant[order]].mean()  # ties were there
+
+
+def test_equals_accuracy_calculator_with_cosine_similarity(random_set) -> None:
+    # Without ties, the metrics are PML's on the same metric: AccuracyCalculator with its
+    # CosineSimilarity distance, on raw vectors of unequal norms.
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    x, y = random_set
+    x = x * np.random.default_rng(7).uniform(0.5, 2.0, (len(x), 1)).astype(np.float32)
+    calculator = AccuracyCalculator(
+        include=tuple(PML_KEYS.values()),
+        k=None,
+        knn_func=CustomKNN(CosineSimilarity()),
+        device=torch.device("cpu"),
+    )
+    for split in (slice(None), slice(0, 120)):
+        args = [torch.from_numpy(x[split]), torch.from_numpy(y[split])]
+        if split != slice(None):
+            args += [torch.from_numpy(x[120:]), torch.from_numpy(y[120:])]
+        theirs = calculator.get_accuracy(*args)
+        ours = retrieval_metrics(*[a.numpy() for a in args], compute_map=True)
+        for key, pml_key in PML_KEYS.items():
+            assert ours[key] == pytest.approx(theirs[pml_key], abs=1e-9), key
+
+
+def test_duplicates_tie_in_every_metric_where_blas_rounds_them_apart() -> None:
+    # At d = 128 FAISS's BLAS gives some exact duplicates scores an ulp apart (see test_knn);
+    # the search and the mAP pass re-score such near-ties exactly, so every metric, mAP
+    # included, is the slow pessimistic reference's.
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal((120, 128)).astype(np.float32)
+    x = np.concatenate([base, base[:80]])
+    y = rng.integers(0, 6, len(x))
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    want = slow_reference(x, y, x, y, True, (1, 3))
+    for backend in ("faiss", "torch"):
+        report = retrieval_metrics(x, y, ks=(1, 3), backend=backend, chunk_size=64, compute_map=True)
+        for key, value in want.items():
+            assert report[key] == pytest.approx(value, abs=1e-12), (backend, key)

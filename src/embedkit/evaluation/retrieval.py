@@ -14,21 +14,34 @@ there are. With the references ranked by similarity to the query:
   even when ``R < k``);
 * **mAP** — average precision over the *full* ranking,
   :math:`\frac{1}{R}\sum_{j} \frac{\#\{\text{relevant ranked at or above } j\}}{\mathrm{rank}(j)}`
-  over the ``R`` relevant references ``j``. Ties are counted pessimistically: a reference
-  with exactly the same score as a relevant one is ranked before it. This equals
+  over the ``R`` relevant references ``j``. Without ties this equals
   ``sklearn.metrics.average_precision_score`` per query, and pytorch-metric-learning's
-  ``mean_average_precision`` with ``k=None`` when there are no ties.
+  ``mean_average_precision`` with ``k=None``.
+
+Ties, one rule for every metric above: **among references with the same score, irrelevant
+ones rank before relevant ones**, so a tie between a relevant and an irrelevant reference
+counts against the model (the order among tied relevant references changes no metric). It is a
+lower bound that no ordering of the ties can raise, it needs one search, and it is the same for
+every back-end, every ``ks`` and every search depth: a tie that reaches past the searched depth
+is followed to its end (:func:`~embedkit.evaluation.search.settle_ties`). Scores are equal when
+:func:`~embedkit.evaluation.search.exact_scores` makes them equal (pair by pair in float64,
+rounded to float32 — float64 for float64 inputs), so exact duplicates tie even where the
+search's BLAS rounded their scores one ulp apart. With ties, mAP is below scikit-learn's
+``average_precision_score``, which ranks each relevant reference of a tie last of the tie
+*together* with the other relevant ones — more than any ordering of the tie achieves.
 
 Queries whose class has no other sample in the reference set (``R = 0``) are excluded
 from every average, counted in ``report.counts["queries_without_relevant"]`` and named in
 a note — never dropped silently.
 
-Cost. The first six metrics need one k-NN search of depth ``max(max R, max ks)``:
+Cost. The first six metrics need one k-NN search of depth ``max(max R, max ks)``, plus an
+exact re-scoring of the few results within rounding of each other, and a scan of the whole
+reference set for the rare query whose tie reaches past that depth:
 ``n_queries × depth`` results are held, never an ``n_queries × n_reference`` matrix. mAP
 needs the rank of *every* relevant reference, wherever it falls in the ranking, so it takes
 a second, chunked pass that scores every (query, reference) pair and places each score among
-the query's ``R`` relevant scores: ``O(n_queries · n_reference · (d + log R))`` time (about
-five times the search itself at 10,000 embeddings, ``benchmarks/bench_evaluation.py``) and
+the query's ``R`` relevant scores: ``O(n_queries · n_reference · (d + log R))`` time (five to
+eight times the search itself at 10,000 embeddings, ``benchmarks/bench_evaluation.py``) and
 memory for one block of scores. It runs only with ``compute_map=True``; by default the
 call costs one k-NN search and ``"map"`` is absent from the report (``"map@r"``, from the
 search, is there).
@@ -44,10 +57,19 @@ from torch import Tensor
 
 from .._checks import check_choice, check_int, check_ks, check_matching_dim
 from ..labels import encode_label_sets
-from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks
+from ..similarity import METRICS, Metric, rows_per_block, similarity_blocks, working_dtype
 from ._inputs import as_embeddings, as_image_ids, first_few, progress_bar, repeated_ids, shared_ids, to_numpy
 from .report import Rate, Report
-from .search import APPROXIMATE_BACKENDS, Backend, recall_against_exact, resolve_backend, search_checked
+from .search import (
+    APPROXIMATE_BACKENDS,
+    Backend,
+    exact_scores,
+    ranking_key,
+    recall_against_exact,
+    resolve_backend,
+    score_tolerance,
+    search_checked,
+)
 
 __all__ = ["average_precision_full", "hit_chance", "retrieval_metrics"]
 
@@ -98,7 +120,7 @@ def retrieval_metrics(
         on torch, on the queries' device.
     compute_map : bool
         Also compute ``"map"`` over the full ranking: an extra pass over every (query,
-        reference) pair, about five times the search at 1e4 embeddings (see the module notes).
+        reference) pair, five to eight times the search at 1e4 embeddings (module notes).
         Off by default, so that the call costs one k-NN search.
     image_ids : sequence of shape (n_queries,), optional
         Source image of each query (file names or integer ids, compared by value and type).
@@ -111,6 +133,9 @@ def retrieval_metrics(
         Query rows per block of scores on the torch paths.
     progress : bool
         Show progress bars for the search and the mAP pass.
+
+    Every metric counts ties pessimistically (see the module notes): among references with
+    the same score, irrelevant ones rank before relevant ones, whatever the back-end and ``ks``.
 
     Returns
     -------
@@ -175,6 +200,10 @@ def retrieval_metrics(
         )
     depth = min(available, max(int(relevant.max()), ks[-1]))
 
+    def relevant_last(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The tie rule: among tied references, irrelevant ones come first."""
+        return r_ids[cols] == q_ids[rows]
+
     scores, indices = search_checked(
         q,
         None if self_mode else ref,
@@ -184,6 +213,7 @@ def retrieval_metrics(
         exclude_self=self_mode,
         chunk_size=chunk_size,
         progress=progress,
+        tie_order=relevant_last,
     )
     indices = to_numpy(indices) if isinstance(indices, Tensor) else indices
     top_score = to_numpy(scores[:, 0]) if isinstance(scores, Tensor) else scores[:, 0]
@@ -415,10 +445,17 @@ def average_precision_full(
 ) -> np.ndarray:
     """Average precision over the full ranking for each query, without an N×N matrix.
 
-    Block by block, every reference is scored against the query; the query's relevant
-    scores are read from the same block (so a relevant reference always counts itself),
-    sorted, and every score of the block is placed among them with ``searchsorted``. The
-    number of references scoring at least a relevant score is its (pessimistic) rank.
+    Ties count pessimistically (the module's rule): among references with the same score,
+    irrelevant ones rank before relevant ones. With the query's ``R`` relevant references in
+    descending order of score, the ``i``-th then has rank ``i + m_i``, where ``m_i`` counts
+    the irrelevant references scoring at least as high, and the average precision is the
+    mean over ``i`` of ``i / (i + m_i)``.
+
+    Block by block, every reference is scored against the query; the relevant references are
+    scored exactly (:func:`~embedkit.evaluation.search.exact_scores`) and sorted, and every
+    irrelevant score of the block is placed among them with ``searchsorted``. An irrelevant
+    score within rounding of a relevant one is re-scored exactly first, so that exact
+    duplicates tie whatever the block's arithmetic did to them.
 
     Parameters
     ----------
@@ -447,40 +484,91 @@ def average_precision_full(
     order = np.argsort(reference_ids, kind="stable")
     sizes = np.bincount(reference_ids, minlength=int(max(query_ids.max(), reference_ids.max())) + 1)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    order_t = torch.from_numpy(order).to(device)
     if chunk_size is None:
-        chunk_size = rows_per_block(n_ref, bytes_per_entry=24)
+        chunk_size = rows_per_block(n_ref, bytes_per_entry=40)
+    dtype = working_dtype(torch.promote_types(queries.dtype, reference.dtype))
+    tol = score_tolerance(queries, reference, metric=metric, search_dtype=dtype)
     out = np.empty(queries.shape[0], dtype=np.float64)
     with progress_bar(queries.shape[0], "mAP over the full ranking", progress) as update:
         for start, block in similarity_blocks(queries, reference, metric=metric, chunk_size=chunk_size):
             c = block.shape[0]
-            cls = query_ids[start : start + c]
+            rows = np.arange(start, start + c)
+            cls = query_ids[rows]
             size = sizes[cls]
             width = int(size.max())
             offsets = np.arange(width)
-            in_class = offsets[None, :] < size[:, None]
-            slot = np.minimum(starts[cls][:, None] + offsets[None, :], n_ref - 1)
-            rel_index = order_t[torch.from_numpy(slot).to(device)]  # (c, width)
-            valid = torch.from_numpy(in_class).to(device)
+            valid = offsets[None, :] < size[:, None]
+            rel_index = order[np.minimum(starts[cls][:, None] + offsets[None, :], n_ref - 1)]  # (c, width)
             if self_index is not None:
-                own = torch.from_numpy(self_index[start : start + c]).to(device)
-                block[torch.arange(c, device=device), own] = -torch.inf
+                own = self_index[rows]
                 valid &= rel_index != own[:, None]
-            rel_scores = torch.gather(block, 1, rel_index).masked_fill(~valid, torch.inf)
-            rel_sorted = rel_scores.sort(dim=1).values  # ascending; padding (+inf) last
+                block[torch.arange(c, device=device), torch.from_numpy(own).to(device)] = -torch.inf
+            r = valid.sum(axis=1)
+            vr, vs = np.nonzero(valid)
+            rel_exact = np.full((c, width), np.inf)  # padding last once sorted
+            rel_exact[vr, vs] = exact_scores(queries, reference, rows[vr], rel_index[vr, vs], metric=metric)
+            rel_exact.sort(axis=1)
+            # the relevant references leave the block: only irrelevant ones are counted in it
+            rel_rows, rel_cols = torch.from_numpy(vr).to(device), torch.from_numpy(rel_index[vr, vs])
+            block[rel_rows, rel_cols.to(device)] = -torch.inf
+            key = ranking_key(block, metric)
+            rel_key_np = np.where(np.isinf(rel_exact), np.inf, ranking_key(rel_exact, metric))
+            rel_key = torch.from_numpy(rel_key_np).to(device=device, dtype=block.dtype)
             # position[i, j] = how many relevant scores are <= block[i, j]
-            position = torch.searchsorted(rel_sorted, block, right=True)
+            position = torch.searchsorted(rel_key, key, right=True)
+            _settle_near_relevant(
+                queries, reference, rows, key, rel_key, rel_exact, position, tol[rows], metric=metric
+            )
             flat = (position + torch.arange(c, device=device)[:, None] * (width + 1)).reshape(-1)
-            histogram = torch.bincount(flat, minlength=c * (width + 1)).reshape(c, width + 1)
-            # references scoring >= the j-th smallest relevant score (self sits at -inf: never)
-            at_or_above = n_ref - histogram.cumsum(dim=1)[:, :width]
-            r = valid.sum(dim=1, keepdim=True)
-            below = torch.searchsorted(rel_sorted, rel_sorted, right=False)
-            relevant_at_or_above = r - below
-            is_real = torch.arange(width, device=device)[None, :] < r
-            precision = relevant_at_or_above.double() / at_or_above.clamp_min(1).double()
-            ap = (precision * is_real).sum(dim=1) / r.squeeze(1).double()
-            out[start : start + c] = to_numpy(ap)
+            histogram = to_numpy(torch.bincount(flat, minlength=c * (width + 1)).reshape(c, width + 1))
+            # irrelevant references scoring >= the j-th smallest relevant score (masked: never)
+            irrelevant_above = n_ref - histogram.cumsum(axis=1)[:, :width]
+            place = r[:, None] - offsets[None, :]  # descending place i of the j-th smallest
+            is_real = offsets[None, :] < r[:, None]
+            precision = np.where(is_real, place / np.maximum(place + irrelevant_above, 1), 0.0)
+            out[rows] = precision.sum(axis=1) / r
             if update is not None:
                 update(c)
     return out
+
+
+def _settle_near_relevant(
+    queries: Tensor,
+    reference: Tensor,
+    rows: np.ndarray,
+    key: Tensor,
+    rel_key: Tensor,
+    rel_exact: np.ndarray,
+    position: Tensor,
+    tol: np.ndarray,
+    *,
+    metric: str,
+) -> None:
+    """Re-place, in ``position``, the block's scores within rounding of a relevant score.
+
+    ``rel_key`` holds each row's relevant keys in ascending order (``+inf`` padding);
+    ``rel_exact`` the same references' exact scores. A key closer than ``2·tol`` to the
+    nearest relevant key below or above it is re-scored exactly and counted against the
+    exact relevant scores.
+    """
+    device = key.device
+    c = key.shape[0]
+    margin = torch.from_numpy(2.0 * tol).to(device=device, dtype=key.dtype)[:, None]
+    pad = torch.full((c, 1), torch.inf, device=device, dtype=key.dtype)
+    # the nearest relevant key above each key (rel_key[p]), then the one at or below (rel_key[p - 1])
+    gap = torch.gather(torch.cat([rel_key, pad], dim=1), 1, position).sub_(key)
+    near = gap <= margin
+    torch.gather(torch.cat([-pad, rel_key], dim=1), 1, position, out=gap)
+    near |= torch.sub(key, gap, out=gap) <= margin  # nan (-inf - -inf) for masked keys: False
+    del gap
+    if device.type == "cpu":  # numpy's nonzero: a fraction of torch's on a CPU
+        near_rows, near_cols = np.nonzero(to_numpy(near))
+    else:
+        found = torch.nonzero(near, as_tuple=True)
+        near_rows, near_cols = to_numpy(found[0]), to_numpy(found[1])
+    if near_rows.size == 0:
+        return
+    near_rows_t, near_cols_t = torch.from_numpy(near_rows).to(device), torch.from_numpy(near_cols).to(device)
+    value = exact_scores(queries, reference, rows[near_rows], near_cols, metric=metric)
+    counts = (rel_exact[near_rows] <= value[:, None]).sum(axis=1)
+    position[near_rows_t, near_cols_t] = torch.from_numpy(counts).to(device)
