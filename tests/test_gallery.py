@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -322,3 +324,211 @@ def test_repr_and_numpy_integer_arguments() -> None:
         Gallery(chunk_size=np.int64(0))
     with pytest.raises(TypeError, match="chunk_size"):
         Gallery(chunk_size=2.0)  # type: ignore[arg-type]
+
+
+def pool_by_hand(
+    probes: np.ndarray, probe_labels: np.ndarray, template_ids: np.ndarray, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Probe templates as a user would form them: mean of (L2-normalised, for cosine) rows per id."""
+    ids = np.unique(template_ids)
+    rows = probes.astype(np.float64)
+    if metric == "cosine":
+        rows = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    pooled = np.stack([rows[template_ids == t].mean(axis=0) for t in ids]).astype(np.float32)
+    labels = np.array([probe_labels[template_ids == t][0] for t in ids])
+    return pooled, labels
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("template", ["none", "mean"])
+def test_probe_templates_equal_pooling_by_hand(metric: str, template: str) -> None:
+    gallery, gallery_labels, probes, probe_labels = make_data(seed=13, n_probes=300, extra_ids=10)
+    rng = np.random.default_rng(13)
+    # media groups: 1 to 4 rows of one subject each, ids as strings in no particular order
+    subject_order = np.argsort(probe_labels, kind="stable")
+    probes, probe_labels = probes[subject_order], probe_labels[subject_order]
+    group = np.zeros(len(probes), dtype=np.int64)
+    for i in range(1, len(probes)):
+        same = probe_labels[i] == probe_labels[i - 1] and rng.random() < 0.7
+        group[i] = group[i - 1] + (0 if same else 1)
+    template_ids = np.array([f"media-{g * 7919 % 1000:03d}" for g in group], dtype=object)
+    gal = Gallery(metric=metric, chunk_size=17).enrol(gallery, gallery_labels, template=template)
+    got = gal.evaluate(
+        probes, probe_labels, template_ids=template_ids, ranks=(1, 3), fpir_targets=(0.1,), verification=True
+    )
+    pooled, pooled_labels = pool_by_hand(probes, probe_labels, template_ids, metric)
+    want = gal.evaluate(pooled, pooled_labels, ranks=(1, 3), fpir_targets=(0.1,), verification=True)
+    n_templates = len(np.unique(template_ids))
+    assert 0 < n_templates < len(probes)
+    for name in ("identification", "open_set", "verification"):
+        a, b = got[name], want[name]
+        assert set(a.metrics) == set(b.metrics)
+        for key, value in a.metrics.items():
+            if isinstance(value, float) and not np.isnan(value):
+                assert value == pytest.approx(b[key], abs=1e-5), (name, key)
+            else:
+                assert a.metrics[key] == b.metrics[key], (name, key)
+        assert a.counts["probe_rows"] == len(probes) and a.counts["probe_templates"] == n_templates
+        assert a.counts["probes"] == b.counts["probes"] == n_templates
+        assert any(
+            f"{n_templates} probe templates formed from {len(probes)} probe rows" in n for n in a.notes
+        )
+    np.testing.assert_array_equal(got["identification"].curves["cmc"], want["identification"].curves["cmc"])
+
+
+def test_probe_templates_per_identity_and_of_single_rows() -> None:
+    gallery, gallery_labels, probes, probe_labels = make_data(seed=14, n_probes=120)
+    gal = Gallery().enrol(gallery, gallery_labels, template="mean")
+    # one template per subject: the labels themselves are the template ids
+    per_subject = gal.identify(probes, probe_labels, template_ids=probe_labels)
+    pooled, pooled_labels = pool_by_hand(probes, probe_labels, probe_labels, "cosine")
+    assert per_subject.rate("rank-1") == gal.identify(pooled, pooled_labels).rate("rank-1")
+    # one row per template: the same as no templates (a mean of one unit vector is itself)
+    single = gal.identify(probes, probe_labels, template_ids=np.arange(len(probes))[::-1])
+    plain = gal.identify(probes, probe_labels)
+    np.testing.assert_allclose(single.curves["cmc"], plain.curves["cmc"])
+    assert single.counts["probe_templates"] == single.counts["probe_rows"] == len(probes)
+
+
+def test_probe_templates_bad_inputs() -> None:
+    gallery, gallery_labels, probes, probe_labels = make_data(seed=15, n_probes=20)
+    gal = Gallery().enrol(gallery, gallery_labels)
+    with pytest.raises(ValueError, match=r"template_ids has 3 entries but probes has 20 rows"):
+        gal.identify(probes, probe_labels, template_ids=[1, 2, 3])
+    with pytest.raises(TypeError, match="template_ids"):
+        gal.identify(probes, probe_labels, template_ids=np.zeros(20))
+    with pytest.raises(ValueError, match="template_ids must be 1-D"):
+        gal.identify(probes, probe_labels, template_ids=np.zeros((20, 1), dtype=int))
+    mixed = np.arange(20)
+    mixed[:2] = 99  # rows 0 and 1 share a template
+    labels = np.array([f"person-{v}" for v in probe_labels], dtype=object)
+    labels[:2] = ["ann", "bob"]
+    named = Gallery().enrol(gallery, np.array([f"person-{v}" for v in gallery_labels]))
+    with pytest.raises(ValueError, match=r"template 99 holds rows of labels 'ann', 'bob'"):
+        named.identify(probes, labels, template_ids=mixed)
+
+
+def test_string_labels_equal_integer_codes() -> None:
+    gallery, gallery_labels, probes, probe_labels = make_data(seed=16, n_probes=150, extra_ids=6)
+    codes = {v: i for i, v in enumerate(np.unique(np.concatenate([gallery_labels, probe_labels])))}
+    as_code = np.vectorize(codes.get)
+    as_name = np.vectorize(lambda v: f"subject/{codes[v]:04d}")
+    name_objects = np.array([f"subject/{codes[v]:04d}" for v in probe_labels], dtype=object)
+    by_code = Gallery(chunk_size=11).enrol(gallery, as_code(gallery_labels).astype(np.int16))
+    by_name = Gallery(chunk_size=11).enrol(gallery, list(as_name(gallery_labels)))
+    want = by_code.evaluate(
+        probes, as_code(probe_labels).astype(np.uint32), ranks=(1, 5), fpir_targets=(0.05,), verification=True
+    )
+    for probe_names in (as_name(probe_labels), name_objects, list(name_objects)):
+        got = by_name.evaluate(probes, probe_names, ranks=(1, 5), fpir_targets=(0.05,), verification=True)
+        for name in want:
+            assert got[name].metrics == want[name].metrics, name
+            assert got[name].counts == want[name].counts, name
+    assert list(by_name.labels[:3]) == list(as_name(gallery_labels)[:3])
+    np.testing.assert_array_equal(by_name.identities, np.unique(as_name(gallery_labels)))
+    # the integer 7 and the string "7" are different identities: nothing is mated
+    with pytest.raises(ValueError, match="none of the"):
+        Gallery().enrol(gallery, gallery_labels).identify(probes, [str(v) for v in probe_labels])
+
+
+def elementwise_identity_table(
+    gallery: np.ndarray, gallery_labels: np.ndarray, probes: np.ndarray, metric: str, template: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per probe and identity, pair by pair in float64 (no matrix product), rounded to float32.
+
+    Identical gallery rows get identical scores wherever they sit, as in the gallery's tie rule.
+    """
+    ids = np.unique(gallery_labels)
+    g, p = gallery.astype(np.float64), probes.astype(np.float64)
+    if template == "mean":
+        if metric == "cosine":
+            g = g / np.linalg.norm(g, axis=1, keepdims=True)
+        g = np.stack([g[gallery_labels == i].mean(axis=0) for i in ids])
+        member = np.arange(ids.size)
+    else:
+        member = np.searchsorted(ids, gallery_labels)
+    if metric == "euclidean":
+        scores = -np.sqrt(((p[:, None, :] - g[None, :, :]) ** 2).sum(axis=2))
+    else:
+        scores = (p[:, None, :] * g[None, :, :]).sum(axis=2)
+        if metric == "cosine":
+            scores /= np.linalg.norm(p, axis=1)[:, None] * np.linalg.norm(g, axis=1)[None, :]
+    scores = scores.astype(np.float32).astype(np.float64)
+    table = np.full((len(p), ids.size), -np.inf)
+    np.maximum.at(table.T, member, scores.T)
+    return ids, table
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+@pytest.mark.parametrize("template", ["none", "mean"])
+def test_exact_duplicates_under_other_identities_rank_pessimistically(metric: str, template: str) -> None:
+    # A probe's true image enrolled again, bit for bit, under other identities: those tie with
+    # the true identity exactly and rank before it, wherever the copies sit in the gallery
+    # (a matrix product can round identical columns differently at different positions).
+    rng = np.random.default_rng(17)
+    n_ids, dim = 257, 48
+    gallery = rng.standard_normal((n_ids, dim)).astype(np.float32)
+    labels = np.arange(n_ids) * 3
+    probes = gallery[:40] + 0.05 * rng.standard_normal((40, dim)).astype(np.float32)
+    probe_labels = labels[:40]
+    copies = {0: 3, 1: 1, 5: 6, 39: 2}  # probe i's true image copied under this many other identities
+    extra = [(i, 1000 + 10 * i + j) for i, c in copies.items() for j in range(c)]
+    gallery = np.concatenate([gallery, gallery[[i for i, _ in extra]]])
+    labels = np.concatenate([labels, [lab for _, lab in extra]])
+    expected = {i: c + 1 for i, c in copies.items()}  # the copies, then the true identity
+    for seed in range(3):  # any enrolment order gives the same ranks
+        order = np.random.default_rng(seed).permutation(len(labels))
+        gal = Gallery(metric=metric, chunk_size=7 + seed).enrol(
+            gallery[order], labels[order], template=template
+        )
+        report = gal.identify(probes, probe_labels, ranks=(1,))
+        ids, table = elementwise_identity_table(gallery, labels, probes, metric, template)
+        true = table[np.arange(40), np.searchsorted(ids, probe_labels)]
+        ranks = (table >= true[:, None]).sum(axis=1)
+        for i, r in expected.items():
+            assert ranks[i] == r
+        np.testing.assert_allclose(
+            report.curves["cmc"], [(ranks <= r).mean() for r in range(1, ids.size + 1)]
+        )
+        rank1 = report.rate("rank-1")
+        assert rank1 is not None and rank1.hits == 40 - len(copies)
+
+
+def test_duplicate_probes_of_a_tied_pair_rank_the_same_in_any_block() -> None:
+    # The same probe, repeated so that its copies fall in different blocks and rows, against a
+    # gallery holding one image twice under two identities: the rank is 2 for every copy.
+    rng = np.random.default_rng(18)
+    gallery = rng.standard_normal((300, 64)).astype(np.float32)
+    labels = np.arange(300)
+    gallery[250] = gallery[17]  # identity 250 holds an exact copy of identity 17's image
+    probes = np.repeat(gallery[17:18] + 0.01, 50, axis=0).astype(np.float32)
+    gal = Gallery(chunk_size=9).enrol(gallery, labels)
+    report = gal.identify(probes, np.full(50, 17), ranks=(1, 2))
+    assert report["rank-1"] == 0.0 and report["rank-2"] == 1.0
+    # A matrix product may round the copy's column differently from the original's (blocking,
+    # GPU split-K): one unit in the last place either way must not change the rank.
+    copy = int(gal._enrol_position[250])
+    blocks = gal._score_blocks
+    for direction in (-np.inf, np.inf):
+
+        def nudged(probes_: torch.Tensor, chunk_size: int, direction: float = direction) -> Iterator:
+            for start, block in blocks(probes_, chunk_size):
+                column = block[:, copy].numpy()
+                block[:, copy] = torch.from_numpy(np.nextafter(column, np.float32(direction)))
+                yield start, block
+
+        gal._score_blocks = nudged  # type: ignore[method-assign, assignment]
+        nudged_report = gal.identify(probes, np.full(50, 17), ranks=(1, 2))
+        assert nudged_report["rank-1"] == 0.0 and nudged_report["rank-2"] == 1.0, direction
+    del gal._score_blocks
+    open_set = (
+        Gallery()
+        .enrol(gallery, labels)
+        .dir_at_fpir(
+            np.concatenate([probes, rng.standard_normal((20, 64)).astype(np.float32)]),
+            np.concatenate([np.full(50, 17), np.arange(1000, 1020)]),
+            fpir_targets=(1.0,),
+        )
+    )
+    dir_rate = open_set.rate("dir@fpir=1")
+    assert dir_rate is not None and dir_rate.hits == 0  # never rank 1: its tie ranks first
