@@ -307,3 +307,17 @@ def test_tie_order_of_search_checked_puts_flagged_references_last() -> None:
         tied = scores[:, 1:] == scores[:, :-1]
         key = last[indices].astype(np.int64) * 1000 + indices  # flagged after, then by index
         assert not (tied & (key[:, 1:] < key[:, :-1])).any(), backend
+
+
+def test_a_collapsed_embedding_settles_its_ties_by_index_and_says_why_it_is_slow(monkeypatch) -> None:
+    import embedkit.evaluation.search as search
+
+    monkeypatch.setattr(search, "_SLOW_CUT_PAIRS", 0)
+    x = torch.ones(300, 8)
+    x[::7] = 2.0  # a few distinct rows: identical rows are scored once per distinct row
+    for backend in ("faiss", "torch"):
+        with pytest.warns(UserWarning, match="collapsed embedding"):
+            scores, indices = search.knn(x, x, k=4, exclude_self=True, backend=backend)
+        expected = torch.stack([torch.tensor([j for j in range(300) if j != i][:4]) for i in range(300)])
+        assert torch.equal(indices.cpu(), expected)
+        assert torch.all(scores == scores[:, :1])

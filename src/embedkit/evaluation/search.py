@@ -33,6 +33,7 @@ re-scored; an exact search looks four results beyond ``k``, and a query whose ti
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar, cast
 
@@ -711,6 +712,10 @@ def ranking_key(scores: ArrayT, metric: str) -> ArrayT:
     return -(scores**2) if metric == "euclidean" else scores
 
 
+#: Above this many (query, reference) pairs re-scored for ties past the search depth, warn.
+_SLOW_CUT_PAIRS = 20_000_000
+
+
 def settle_ties(
     queries: Tensor,
     reference: Tensor | None,
@@ -778,6 +783,16 @@ def settle_ties(
     if beyond is None or not cut:
         return
     rows, start, low, high = (np.concatenate(parts) for parts in zip(*cut, strict=True))
+    n_reference = queries.shape[0] if reference is None else reference.shape[0]
+    if rows.size * n_reference > _SLOW_CUT_PAIRS:
+        # Correct but quadratic: say why a call on a collapsed embedding takes so long.
+        warnings.warn(
+            f"{rows.size} queries tie at their last neighbour with references beyond the searched "
+            f"depth; each is re-scored exactly against all {n_reference} references, which is slow. "
+            "Many exact ties usually mean a collapsed embedding (check it with "
+            "EmbeddingHealthMonitor or `embedkit doctor`).",
+            stacklevel=3,
+        )
     if rows.size:
         _settle_cut(
             queries,
@@ -845,6 +860,64 @@ def _settle_rows(
     return rows[straddle], start, key[straddle, -1] - margin, key[straddle, start] + margin
 
 
+def _identical_rows(reference: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(inverse, representatives)`` when at most half the reference rows are distinct.
+
+    Identical rows have identical exact scores, so a tie among them is scored once per
+    distinct row: ``inverse[j]`` is row ``j``'s group and ``representatives[g]`` one row of
+    group ``g``. ``None`` when most rows are distinct (nothing to gain).
+    """
+    _, inverse_t = torch.unique(reference.detach(), dim=0, return_inverse=True)
+    inverse = to_numpy(inverse_t).astype(np.int64, copy=False)
+    n_groups = int(inverse.max()) + 1 if inverse.size else 0
+    if n_groups > inverse.size // 2:
+        return None
+    representatives = np.empty(n_groups, dtype=np.int64)
+    representatives[inverse[::-1]] = np.arange(inverse.size)[::-1]  # the first row of each group
+    return inverse, representatives
+
+
+def _tie_rule_order(
+    wr: np.ndarray, wc: np.ndarray, value: np.ndarray, first: np.ndarray, need: np.ndarray
+) -> np.ndarray:
+    """Indices of the window entries kept, in the tie rule's order within each row.
+
+    The order is by row, then score (descending), then ``first`` (``False`` before ``True``),
+    then reference index; ``wr``/``wc`` come row-major, columns ascending. A row whose
+    top-scoring entries alone fill its ``need`` keeps only the first ``need`` of them, picked by
+    counting (the common case of a collapsed embedding, where sorting every tied reference
+    would dominate); the other rows keep every entry, fully sorted.
+    """
+    c = need.size
+    if wr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    counts = np.bincount(wr, minlength=c)
+    starts = np.cumsum(counts) - counts
+    filled = counts > 0
+    row_max = np.full(c, -np.inf)
+    row_max[filled] = np.maximum.reduceat(value, starts[filled])
+    top = value == row_max[wr]
+    easy = np.bincount(wr[top], minlength=c) >= need
+    # Easy rows: the first ``need`` of the top group by (first, index), counted in one pass.
+    chosen = top & easy[wr]
+    plain, flagged = chosen & ~first, chosen & first
+    plain_rank = _rank_within_rows(plain, wr, starts)
+    flagged_rank = _rank_within_rows(flagged, wr, starts)
+    plain_count = np.bincount(wr[plain], minlength=c)
+    keep = (plain & (plain_rank < need[wr])) | (flagged & (plain_count[wr] + flagged_rank < need[wr]))
+    in_easy = np.flatnonzero(keep)
+    in_hard = np.flatnonzero(~easy[wr])
+    order = np.concatenate([in_easy, in_hard])
+    order = order[np.lexsort((wc[order], first[order], -value[order], wr[order]))]
+    return order
+
+
+def _rank_within_rows(selected: np.ndarray, wr: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """For each entry, how many selected entries of its row come before it (``wr`` sorted)."""
+    before = np.cumsum(selected) - selected
+    return before - before[starts[wr]]
+
+
 def _settle_cut(
     queries: Tensor,
     reference: Tensor | None,
@@ -871,6 +944,7 @@ def _settle_cut(
     k = out_indices.shape[1]
     device = queries.device
     rows_t = torch.from_numpy(rows).to(device)
+    duplicates = _identical_rows(ref)
     blocks = similarity_blocks(queries[rows_t], ref, metric=cast(Metric, metric), chunk_size=chunk_size)
     for offset, block in blocks:
         c = block.shape[0]
@@ -888,15 +962,24 @@ def _settle_cut(
             torch.from_numpy(above_r).to(device),
             torch.from_numpy(out_indices[block_rows[above_r], above_c]).to(device),
         ] = False
-        wr_t, wc_t = torch.nonzero(window, as_tuple=True)
+        wr_t, wc_t = torch.nonzero(window, as_tuple=True)  # row-major: columns ascend in each row
         wr, wc = to_numpy(wr_t), to_numpy(wc_t)
-        value = exact_scores(queries, ref, block_rows[wr], wc, metric=metric)
+        need = k - start[part]
+        if duplicates is not None and c * duplicates[1].size <= wr.size:
+            # Many identical references (a collapsed embedding): score each distinct row once.
+            inverse, representatives = duplicates
+            grid = exact_scores(
+                queries, ref, np.repeat(block_rows, representatives.size), np.tile(representatives, c),
+                metric=metric,
+            ).reshape(c, representatives.size)  # fmt: skip
+            value = grid[wr, inverse[wc]]
+        else:
+            value = exact_scores(queries, ref, block_rows[wr], wc, metric=metric)
         first = np.zeros(wr.size, dtype=bool) if tie_order is None else tie_order(block_rows[wr], wc)
-        order = np.lexsort((wc, first, -value, wr))
+        order = _tie_rule_order(wr, wc, value, first, need)
         wr, wc, value = wr[order], wc[order], value[order]
         counts = np.bincount(wr, minlength=c)
         rank = np.arange(wr.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        need = k - start[part]
         keep = rank < need[wr]
         complete = counts >= need  # always, unless rounding broke the bound: keep the search's then
         keep &= complete[wr]
