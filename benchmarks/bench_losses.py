@@ -1,12 +1,13 @@
 """Loss forward+backward time (and optionally peak memory) against pytorch-metric-learning.
 
 Both libraries run in the same process on the same PK batches (P classes × 4
-samples, d=128, float32, CPU) with equal hyper-parameters; the table reports the
-median of several repetitions and the ratio PML / embedkit (above 1 = embedkit
-faster). ``--memory`` re-runs each case in a fresh subprocess and reports its peak
+samples, d=128, float32, CPU) with equal hyper-parameters, their repetitions
+interleaved (embedkit, PML, embedkit, ...) so that a busy machine slows both alike;
+the table reports the median of each and the ratio PML / embedkit (above 1 =
+embedkit faster). ``--memory`` re-runs each case in a fresh subprocess and reports its peak
 resident memory growth, which shows the N×N×N and pairs×N tensors PML builds.
 
-    python benchmarks/bench_losses.py [--quick] [--memory] [--sizes 256 1024]
+    python benchmarks/bench_losses.py [--quick] [--memory] [--sizes 256 1024] [--losses Triplet]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _ntxent_entries(size: int) -> int:
     return positives * negatives
 
 
-def _cases() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], object]]]:
+def _cases() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], object] | None]]:
     """name -> (embedkit factory, PML factory returning a callable(emb, labels))."""
     from pytorch_metric_learning import losses as L
     from pytorch_metric_learning import miners as M
@@ -66,9 +67,21 @@ def _cases() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], obje
             lambda: ek.TripletMarginLoss(0.2, mining="all"),
             lambda: L.TripletMarginLoss(0.2, reducer=MeanReducer()),
         ),
+        "TripletMarginLoss all soft": (
+            lambda: ek.TripletMarginLoss(0.2, mining="all", soft_margin=True),
+            lambda: L.TripletMarginLoss(0.2, smooth_loss=True, reducer=MeanReducer()),
+        ),
+        "TripletMarginLoss batch_all soft": (
+            lambda: ek.TripletMarginLoss(0.2, soft_margin=True),
+            lambda: L.TripletMarginLoss(0.2, smooth_loss=True),
+        ),
         "TripletMarginLoss batch_hard": (
             lambda: ek.TripletMarginLoss(0.2, mining="batch_hard"),
             lambda: pml_with_miner(L.TripletMarginLoss(0.2, reducer=MeanReducer()), M.BatchHardMiner()),
+        ),
+        "TripletMarginLoss semi_hard": (
+            lambda: ek.TripletMarginLoss(0.2, mining="semi_hard"),
+            None,  # PML's TripletMarginMiner("semihard") keeps every semi-hard triplet: not the same rule
         ),
         "SupConLoss": (ek.SupConLoss, L.SupConLoss),
         "NTXentLoss": (ek.NTXentLoss, L.NTXentLoss),
@@ -92,34 +105,58 @@ def _batch(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(len(labels), DIM, generator=generator), labels
 
 
-def _time(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], size: int, repeats: int) -> float:
+def _step(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> float:
+    emb = x.clone().requires_grad_()
+    start = time.perf_counter()
+    loss(emb, y).backward()
+    return time.perf_counter() - start
+
+
+def _times(
+    losses: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]], size: int, repeats: int
+) -> list[float]:
+    """Median forward+backward time of each loss, their repetitions interleaved."""
     x, y = _batch(size)
-    times = []
-    for i in range(repeats + 1):
-        emb = x.clone().requires_grad_()
-        start = time.perf_counter()
-        loss(emb, y).backward()
-        elapsed = time.perf_counter() - start
-        if i == 0 and elapsed > SLOW_SECONDS:
-            return elapsed  # one call is measurement enough (PML's NT-Xent at 1024 takes minutes)
-        if i:  # the first call warms up
-            times.append(elapsed)
-    return statistics.median(times)
+    warm = [_step(loss, x, y) for loss in losses]  # the first call warms up
+    # One call is measurement enough for a very slow case (PML's NT-Xent at 1024 takes minutes).
+    live = [i for i, t in enumerate(warm) if t <= SLOW_SECONDS]
+    samples: list[list[float]] = [[t] for t in warm]
+    for i in live:
+        samples[i] = []
+    for _ in range(repeats if live else 0):
+        for i in live:
+            samples[i].append(_step(losses[i], x, y))
+    return [statistics.median(s) for s in samples]
 
 
 def _peak_growth_mib(name: str, library: str, size: int) -> float:
-    """Peak RSS growth of one forward+backward, in a fresh interpreter."""
+    """Peak resident memory growth of one forward+backward, in a fresh interpreter.
+
+    Read from ``VmHWM`` (the high-water mark of this process's own memory map), not
+    ``ru_maxrss``, which a child inherits from its parent's peak across ``exec``.
+    """
     code = (
-        "import resource, benchmarks.bench_losses as b\n"
+        "import benchmarks.bench_losses as b\n"
         f"ours, theirs = b._cases()[{name!r}]\n"
         f"loss = (ours if {library!r} == 'embedkit' else theirs)()\n"
         f"x, y = b._batch({size})\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "before = b._high_water_kib()\n"
         "loss(x.requires_grad_(), y).backward()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
+        "print((b._high_water_kib() - before) / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _high_water_kib() -> int:
+    """This process's peak resident memory so far, in KiB (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,9 +166,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="batch 256 only, 3 repetitions")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (slow)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--losses", nargs="+", default=None, help="only the cases whose name contains one of these"
+    )
+    parser.add_argument(
+        "--exclude", nargs="+", default=(), help="skip the cases whose name contains one of these"
+    )
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per case")
     args = parser.parse_args(argv)
     sizes = args.sizes or ([256] if args.quick else [256, 1024])
-    repeats = 3 if args.quick else 7
+    repeats = args.repeats or (3 if args.quick else 7)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={DIM}, PK batches with K=4")
     header = f"{'loss':30s} {'batch':>5s} {'embedkit ms':>12s} {'PML ms':>10s} {'PML/ek':>7s}"
@@ -139,15 +183,25 @@ def main(argv: list[str] | None = None) -> None:
         header += f" {'ek MiB':>8s} {'PML MiB':>8s}"
     print(header)
     for name, (ours, theirs) in _cases().items():
+        if args.losses and not any(part in name for part in args.losses):
+            continue
+        if any(part in name for part in args.exclude):
+            continue
         for size in sizes:
-            ek_time = _time(ours(), size, repeats)
-            if name == "NTXentLoss" and _ntxent_entries(size) > PML_ENTRY_LIMIT:
+            skip = None
+            if theirs is None:
+                skip = "no PML equivalent"
+            elif name == "NTXentLoss" and _ntxent_entries(size) > PML_ENTRY_LIMIT:
                 # PML's NT-Xent builds a (positive pairs × negative pairs) tensor.
-                gib = 4 * _ntxent_entries(size) / 2**30
-                note = f"PML skipped: it would allocate {gib:.0f} GiB"
-                print(f"{name:30s} {size:5d} {1e3 * ek_time:12.2f}   {note}")
+                skip = f"PML skipped: it would allocate {4 * _ntxent_entries(size) / 2**30:.0f} GiB"
+            if skip is not None:
+                (ek_time,) = _times([ours()], size, repeats)
+                row = f"{name:30s} {size:5d} {1e3 * ek_time:12.2f}   {skip}"
+                if args.memory:
+                    row += f" {_peak_growth_mib(name, 'embedkit', size):8.1f}"
+                print(row, flush=True)
                 continue
-            pml_time = _time(theirs(), size, repeats)  # type: ignore[arg-type]
+            ek_time, pml_time = _times([ours(), theirs()], size, repeats)  # type: ignore[list-item]
             row = (
                 f"{name:30s} {size:5d} {1e3 * ek_time:12.2f} {1e3 * pml_time:10.2f} {pml_time / ek_time:7.2f}"
             )

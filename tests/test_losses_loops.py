@@ -559,3 +559,28 @@ def test_semi_hard_gradient_flows_to_the_chosen_negative_only():
     assert chosen[0, 1].item() == 2.0 and bool(valid[0, 1])
     chosen[0, 1].backward()
     assert d.grad.tolist() == [[0.0, 0.0, 0.0, 1.0, 0.0]]
+
+
+def test_positive_indices_list_each_anchors_positives_in_order():
+    from embedkit.mining import positive_indices
+
+    generator = torch.Generator().manual_seed(0)
+    for n, m in ((7, 7), (5, 9), (4, 1)):
+        mask = torch.rand(n, m, generator=generator) < 0.4
+        index, valid = positive_indices(mask)
+        assert index.shape == valid.shape == (n, int(mask.sum(1).max()))
+        for row in range(n):
+            assert index[row][valid[row]].tolist() == mask[row].nonzero().flatten().tolist()
+    index, valid = positive_indices(torch.zeros(3, 4, dtype=torch.bool))
+    assert index.shape == valid.shape == (3, 0)
+
+
+def test_soft_margin_triplet_blocks_stay_within_half_the_distance_matrix():
+    from embedkit.losses.triplet import _anchor_blocks
+
+    for n, p, m in ((4000, 3, 4000), (256, 3, 256), (12, 11, 12), (3, 40, 50)):
+        blocks = _anchor_blocks(torch.zeros(n, p), torch.zeros(n, m))
+        rows = [len(range(n)[b]) for b in blocks]
+        assert sum(rows) == n
+        # Within N×M / 2 entries, unless a single anchor's P×M is more (P > N / 2).
+        assert max(rows) * p * m <= max(n * m // 2, p * m)

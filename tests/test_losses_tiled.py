@@ -31,10 +31,15 @@ def _both(kind: str, z, y, rz=None, ry=None):
     q = l2_normalize(z)
     r = q if rz is None else l2_normalize(rz)
     codes_q, codes_r, classes = tiled.class_codes(y, y if ry is None else ry)
+    counts = tiled.pair_statistics(q.detach(), r.detach(), codes_q, codes_r, classes, rz is None)
+    # The tiled functions return per-anchor terms; the losses' mean divides their total by
+    # the anchors with a positive (SupCon) or by the positive pairs (NT-Xent).
     if kind == "supcon":
-        b = tiled.tiled_supcon(q, r, codes_q, codes_r, classes, 0.1, rz is None)
+        per_anchor = tiled.tiled_supcon(q, r, codes_q, codes_r, classes, 0.1, rz is None)
+        b = per_anchor.sum() / counts["num_anchors"].clamp_min(1)
     else:
-        b = tiled.tiled_ntxent(q, r, codes_q, codes_r, 0.07, rz is None)
+        per_anchor = tiled.tiled_ntxent(q, r, codes_q, codes_r, 0.07, rz is None)
+        b = per_anchor.sum() / counts["num_positive_pairs"].clamp_min(1)
     grads_b = torch.autograd.grad(b, inputs)
     return (
         a,

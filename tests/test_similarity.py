@@ -336,3 +336,31 @@ def test_bad_inputs_are_rejected_with_clear_messages(function):
         function(x, [[1.0, 2.0, 3.0, 4.0]])
     with pytest.raises(ValueError, match=r"x is an empty batch"):
         function(torch.empty(0, 4))
+
+
+# == the fused euclidean distance's hand-written backward ===================================
+@pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("same", [False, True], ids=["x-vs-y", "x-vs-itself"])
+def test_euclidean_backward_passes_gradcheck(metric, normalize, same):
+    x = (_gaussian(6, 3, 4) * 3).requires_grad_()
+    y = _gaussian(5, 3, 5).requires_grad_()
+    weights = _gaussian(6, 6 if same else 5, 6)  # a non-uniform upstream gradient
+
+    def distances(*inputs):
+        other = None if same else inputs[1]
+        return pairwise_distance(inputs[0], other, metric=metric, normalize=normalize) * weights
+
+    assert torch.autograd.gradcheck(distances, (x,) if same else (x, y))
+
+
+def test_euclidean_backward_of_huge_rows_matches_the_scaled_problem():
+    # Rows near 1e20 are divided by a power of two before squaring; the gradient must be
+    # the one of the unscaled distance (it is scale-free: (x - y) / d).
+    x, y = _gaussian(5, 3, 7), _gaussian(4, 3, 8)
+    big_x, big_y = (x * 2.0**66).requires_grad_(), (y * 2.0**66).requires_grad_()
+    small_x, small_y = x.clone().requires_grad_(), y.clone().requires_grad_()
+    pairwise_distance(big_x, big_y).sum().backward()
+    pairwise_distance(small_x, small_y).sum().backward()
+    torch.testing.assert_close(big_x.grad, small_x.grad)
+    torch.testing.assert_close(big_y.grad, small_y.grad)

@@ -27,6 +27,7 @@ __all__ = [
     "check_matching_dim",
     "check_real",
     "check_row_index",
+    "count_nonfinite",
     "describe",
 ]
 
@@ -156,6 +157,11 @@ def check_labels(
 def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -> Tensor:
     """Check that integer ``labels`` lie in ``[0, num_classes)``.
 
+    On the CPU the check reads the labels' range and raises a ``ValueError`` naming it.
+    On an accelerator it is queued with ``torch._assert_async`` instead of reading the
+    range back (a host sync every step): a label out of range then stops the device's
+    work with an error carrying the same message, as the indexing that follows would.
+
     Parameters
     ----------
     labels : Tensor of shape (batch_size,)
@@ -167,6 +173,14 @@ def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -
     """
     if labels.numel() == 0:
         return labels
+    if labels.device.type != "cpu":
+        in_range = ((labels >= 0) & (labels < num_classes)).all()
+        message = f"{name} must lie in [0, num_classes) = [0, {num_classes})"
+        try:
+            torch._assert_async(in_range, message)
+        except TypeError:  # torch < 2.2 takes no message
+            torch._assert_async(in_range)
+        return labels
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
@@ -175,6 +189,15 @@ def check_class_labels(labels: Tensor, num_classes: int, name: str = "labels") -
             f"(labels span [{low}, {high}]). Map identities to 0..num_classes-1 first."
         )
     return labels
+
+
+def count_nonfinite(tensor: Tensor) -> Tensor:
+    """The number of NaN and infinite entries of ``tensor``, as a 0-d int64 tensor.
+
+    Stays on the tensor's device (no host sync): for losses that let non-finite
+    inputs through (``nonfinite="propagate"``) and record how many there were.
+    """
+    return torch.count_nonzero(~torch.isfinite(tensor))
 
 
 def check_matching_dim(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:

@@ -11,10 +11,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing (data-dependent shapes would break its graph)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is None:  # torch < 2.3
+        is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 __all__ = [
     "hardest_pairs",
     "multi_similarity_pairs",
     "pair_masks",
+    "positive_indices",
     "semi_hard_negatives",
     "sorted_negatives",
 ]
@@ -44,6 +54,41 @@ def pair_masks(labels: Tensor, ref_labels: Tensor | None = None) -> tuple[Tensor
     return positive, negative
 
 
+def positive_indices(positive_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each anchor's positives as a padded index list.
+
+    A PK batch has only K-1 positives per anchor: working on ``(n, k_max)`` positive
+    columns instead of the whole ``(n, m)`` mask keeps per-positive work small.
+
+    Parameters
+    ----------
+    positive_mask : Tensor of shape (n, m) and dtype bool
+
+    Returns
+    -------
+    index : Tensor of shape (n, k_max) and dtype int64
+        Column of each anchor's positives, in ascending order, padded with 0.
+    valid : Tensor of shape (n, k_max) and dtype bool
+        Which entries of ``index`` are real positives.
+
+    Notes
+    -----
+    ``k_max`` (the most positives of any anchor) is a shape, so it is read back to the
+    host (one sync on an accelerator).
+    """
+    n = positive_mask.shape[0]
+    counts = torch.count_nonzero(positive_mask, dim=1)
+    k_max = int(counts.max()) if n > 0 else 0
+    rows, cols = positive_mask.nonzero(as_tuple=True)  # row-major: grouped by anchor
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(rows.shape[0], device=rows.device) - starts[rows]
+    index = torch.zeros(n, k_max, dtype=torch.int64, device=positive_mask.device)
+    valid = torch.zeros(n, k_max, dtype=torch.bool, device=positive_mask.device)
+    index[rows, slots] = cols
+    valid[rows, slots] = True
+    return index, valid
+
+
 def hardest_pairs(
     distance: Tensor, positive_mask: Tensor, negative_mask: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -67,17 +112,30 @@ def hardest_pairs(
     Notes
     -----
     When several pairs tie for hardest (exactly repeated rows), the gradient is split
-    evenly among them rather than sent to one arbitrary index.
+    evenly among them rather than sent to one arbitrary index. Outside ``torch.compile``
+    the hardest positive is taken over each anchor's gathered positives
+    (:func:`positive_indices`), which reads the most positives of any anchor back to the
+    host; under compile, over the masked N×M matrix.
     """
     low = torch.finfo(distance.dtype).min
     high = torch.finfo(distance.dtype).max
-    hardest_positive = torch.where(positive_mask, distance, torch.full_like(distance, low)).amax(dim=1)
-    hardest_negative = torch.where(negative_mask, distance, torch.full_like(distance, high)).amin(dim=1)
+    if _compiling():
+        # A scalar fill, not full_like: one N×M temporary per side instead of two.
+        hardest_positive = torch.where(positive_mask, distance, low).amax(dim=1)
+    else:
+        # On each anchor's gathered positives (K-1 in a PK batch) instead of the N×M mask: the
+        # max and its backward (which splits the gradient among ties) touch (N, P) entries.
+        index, valid = positive_indices(positive_mask)
+        if index.shape[1] == 0:  # no anchor has a positive
+            hardest_positive = distance.new_full((distance.shape[0],), low)
+        else:
+            hardest_positive = torch.where(valid, distance.gather(1, index), low).amax(dim=1)
+    # A scalar fill, not full_like: one N×M temporary instead of two.
+    hardest_negative = torch.where(negative_mask, distance, high).amin(dim=1)
     valid = positive_mask.any(dim=1) & negative_mask.any(dim=1)
-    zero = torch.zeros_like(hardest_positive)
     return (
-        torch.where(valid, hardest_positive, zero),
-        torch.where(valid, hardest_negative, zero),
+        torch.where(valid, hardest_positive, 0.0),
+        torch.where(valid, hardest_negative, 0.0),
         valid,
     )
 
@@ -98,9 +156,9 @@ def sorted_negatives(distance: Tensor, negative_mask: Tensor) -> tuple[Tensor, T
     count : Tensor of shape (n,)
         The number of negatives of each anchor.
     """
-    padded = torch.where(negative_mask, distance, torch.full_like(distance, float("inf")))
+    padded = torch.where(negative_mask, distance, float("inf"))
     values, _ = torch.sort(padded, dim=1)
-    return values, negative_mask.sum(dim=1)
+    return values, torch.count_nonzero(negative_mask, dim=1)
 
 
 def semi_hard_negatives(
@@ -156,9 +214,8 @@ def multi_similarity_pairs(
         The kept pairs. An anchor without positives keeps no negatives and vice versa.
     """
     s = similarity.detach()
-    inf = torch.full_like(s, float("inf"))
-    hardest_positive = torch.where(positive_mask, s, inf).amin(dim=1, keepdim=True)
-    hardest_negative = torch.where(negative_mask, s, -inf).amax(dim=1, keepdim=True)
+    hardest_positive = torch.where(positive_mask, s, float("inf")).amin(dim=1, keepdim=True)
+    hardest_negative = torch.where(negative_mask, s, float("-inf")).amax(dim=1, keepdim=True)
     keep_negative = negative_mask & (s + epsilon > hardest_positive)
     keep_positive = positive_mask & (s - epsilon < hardest_negative)
     return keep_positive, keep_negative

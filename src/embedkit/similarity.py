@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -190,10 +190,10 @@ def pairwise_distance(
         return -pairwise_similarity(x, y, metric="dot")
     x, y, same = _prepare(x, y)
     with _full_precision(x.device):
+        unit: Tensor | None = None
         if normalize:
             x = l2_normalize(x)
             y = x if same else l2_normalize(y)
-            unit = torch.ones((), dtype=x.dtype, device=x.device)
         else:
             # Computed on x / s and y / s for a power of two s (exact), then scaled back:
             # huge finite rows give a large distance, not inf - inf = NaN.
@@ -202,19 +202,64 @@ def pairwise_distance(
                 unit = torch.maximum(unit, _power_of_two_scale(y))
             x = x / unit
             y = x if same else y / unit
+        return _Euclidean.apply(x, y, unit, same, metric == "squared_euclidean")
+
+
+class _Euclidean(torch.autograd.Function):
+    """Euclidean (or squared euclidean) distances between the rows of ``x`` and ``y``, fused.
+
+    Forward builds the N×M result in place from one GEMM (``|x|² + |y|² − 2x·y``) and
+    one buffer for the exact-zero threshold, instead of a dozen N×M temporaries.
+    Backward turns the incoming N×M gradient ``g`` into
+    ``∂L/∂x_i = Σ_j w_ij (x_i − y_j)`` with two matmuls: ``w = g / d`` (euclidean) or
+    ``2g`` (squared), 0 where the distance is an exact zero (a finite, zero gradient).
+
+    ``x`` and ``y`` come divided by ``unit`` (a power of two, or ``None`` for 1); the
+    result is scaled back by it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, unit: Tensor | None, same: bool, squared: bool) -> Tensor:
         x_sq = (x * x).sum(dim=1)
         y_sq = x_sq if same else (y * y).sum(dim=1)
         scale = x_sq[:, None] + y_sq[None, :]
-        squared = (scale - 2.0 * (x @ y.T)).clamp_min(0.0)
-        # The expansion |x|²+|y|²-2x·y loses ~eps·(|x|²+|y|²) to cancellation; treat
-        # anything below that as an exact zero so duplicates get distance 0.
-        is_zero = squared <= 8.0 * torch.finfo(squared.dtype).eps * scale
-        squared = squared.masked_fill(is_zero, 0.0)
-        if metric == "squared_euclidean":
-            return squared * (unit * unit)
-        # Double-where keeps the gradient of sqrt finite (zero) at zero distance.
-        safe = torch.where(is_zero, torch.ones_like(squared), squared)
-        return torch.where(is_zero, torch.zeros_like(squared), safe.sqrt() * unit)
+        out = torch.addmm(scale, x, y.T, alpha=-2.0)
+        # The expansion loses ~eps·(|x|²+|y|²) to cancellation: anything below that (every
+        # negative rounding included) is an exact zero, so duplicates get distance 0.
+        is_zero = torch.le(out, scale.mul_(8.0 * torch.finfo(out.dtype).eps))
+        del scale
+        out.masked_fill_(is_zero, 0.0)
+        del is_zero
+        if not squared:
+            out.sqrt_()
+        if unit is not None:
+            out.mul_(unit * unit if squared else unit)
+        ctx.save_for_backward(x, y, unit, out)
+        ctx.same, ctx.squared = same, squared
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, y, unit, out = ctx.saved_tensors
+        # With respect to the scaled inputs: ∂d/∂x_i = unit²·(x_i − y_j)/d (euclidean,
+        # ``out`` = d) and 2·unit²·(x_i − y_j) (squared), both 0 at an exact zero.
+        if ctx.squared:
+            weight = grad.masked_fill(out == 0, 0.0)
+            weight = weight * (2.0 if unit is None else 2.0 * unit * unit)
+        else:
+            weight = grad / out
+            weight.masked_fill_(out == 0, 0.0)
+            if unit is not None:
+                weight.mul_(unit * unit)
+        if ctx.same:
+            # Two GEMMs: BLAS reads weight.T in place, where weight + weight.T would be a slow
+            # strided pass over N×N.
+            row_col = weight.sum(dim=1) + weight.sum(dim=0)
+            grad_x = row_col[:, None] * x - weight @ x - weight.T @ x
+            return grad_x, None, None, None, None
+        grad_x = weight.sum(dim=1)[:, None] * x - weight @ y
+        grad_y = weight.sum(dim=0)[:, None] * y - weight.T @ x
+        return grad_x, grad_y, None, None, None
 
 
 # --- Chunked iteration: bounded memory for any number of rows -----------------------------------

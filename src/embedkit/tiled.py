@@ -89,18 +89,17 @@ class _SupCon(torch.autograd.Function):
         for start, stop in _blocks(q.shape[0], r.shape[0]):
             denominator[start:stop] = torch.logsumexp(_scaled_block(q, r, start, stop, inv_tau, is_self), 1)
         numerator = inv_tau * (q * positive_sum).sum(1) / positive_count.clamp_min(1)
-        num_anchors = anchors.sum()
-        per_anchor = torch.where(anchors, denominator - numerator, torch.zeros_like(numerator))
+        per_anchor = torch.where(anchors, denominator - numerator, 0.0)
         ctx.save_for_backward(q, r, codes_q, codes_r, denominator, positive_sum, positive_count)
         ctx.constants = (num_classes, inv_tau, is_self)
-        return per_anchor.sum() / num_anchors.clamp_min(1)
+        return per_anchor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q, r, codes_q, codes_r, denominator, positive_sum, positive_count = ctx.saved_tensors
         num_classes, inv_tau, is_self = ctx.constants
         anchors = positive_count > 0
-        weight = grad * anchors.to(q.dtype) / anchors.sum().clamp_min(1)  # dL / d(per_anchor_i)
+        weight = torch.where(anchors, grad, 0.0)  # dL / d(per_anchor_i)
         # Numerator: −(w_i / |P(i)| τ) Σ_{p∈P(i)} q_i·r_p.
         c = weight * inv_tau / positive_count.clamp_min(1)
         grad_q = -c[:, None] * positive_sum
@@ -130,8 +129,7 @@ class _NTXent(torch.autograd.Function):
     ) -> Tensor:
         n = q.shape[0]
         negatives = torch.empty(n, dtype=q.dtype, device=q.device)
-        total = torch.zeros((), dtype=q.dtype, device=q.device)
-        count = torch.zeros((), dtype=torch.int64, device=q.device)
+        per_anchor = torch.empty(n, dtype=q.dtype, device=q.device)
         for start, stop in _blocks(n, r.shape[0]):
             block = _scaled_block(q, r, start, stop, inv_tau, is_self)
             same = codes_q[start:stop, None] == codes_r[None, :]
@@ -140,17 +138,16 @@ class _NTXent(torch.autograd.Function):
             negatives[start:stop] = lse
             # −log(e^{s_ap} / (e^{s_ap} + Σ_n e^{s_an})) for every positive pair (a, p).
             terms = torch.logaddexp(block, lse[:, None]) - block
-            total = total + torch.where(positive, terms, torch.zeros_like(terms)).sum()
-            count = count + positive.sum()
-        ctx.save_for_backward(q, r, codes_q, codes_r, negatives, count)
+            per_anchor[start:stop] = torch.where(positive, terms, 0.0).sum(1)
+        ctx.save_for_backward(q, r, codes_q, codes_r, negatives)
         ctx.constants = (inv_tau, is_self)
-        return total / count.clamp_min(1)
+        return per_anchor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        q, r, codes_q, codes_r, negatives, count = ctx.saved_tensors
+        q, r, codes_q, codes_r, negatives = ctx.saved_tensors
         inv_tau, is_self = ctx.constants
-        scale = grad * inv_tau / count.clamp_min(1)
+        scale = grad * inv_tau  # per anchor
         grad_q = torch.zeros_like(q)
         grad_r = torch.zeros_like(r)
         for start, stop in _blocks(q.shape[0], r.shape[0]):
@@ -164,7 +161,7 @@ class _NTXent(torch.autograd.Function):
             push = torch.where(same, torch.zeros_like(block), torch.exp(block - lse)) * pull.sum(
                 1, keepdim=True
             )
-            d = (push - pull) * scale
+            d = (push - pull) * scale[start:stop, None]
             grad_q[start:stop] += d @ r
             grad_r += d.T @ q[start:stop]
         return grad_q, grad_r, None, None, None, None
@@ -196,9 +193,10 @@ def tiled_supcon(
 
     Returns
     -------
-    Tensor of shape ()
-        The mean over anchors with at least one positive (0 when there is none); the
-        caller returns 0 for a batch without any negative pair, as the dense loss does.
+    Tensor of shape (n,)
+        Each anchor's term (0 for an anchor without positives); the loss is their sum over
+        the number of anchors with a positive. The caller returns 0 for a batch without
+        any negative pair, as the dense loss does.
     """
     with _full_precision(q.device):
         return _SupCon.apply(q, r, codes_q, codes_r, num_classes, 1.0 / temperature, is_self)
@@ -211,8 +209,10 @@ def tiled_ntxent(
 
     Returns
     -------
-    Tensor of shape ()
-        The mean over positive pairs of ``−log(e^{s_ap/τ} / (e^{s_ap/τ} + Σ_n e^{s_an/τ}))``.
+    Tensor of shape (n,)
+        Each anchor's sum over its positive pairs of
+        ``−log(e^{s_ap/τ} / (e^{s_ap/τ} + Σ_n e^{s_an/τ}))``; the loss is their total over
+        the number of positive pairs.
     """
     with _full_precision(q.device):
         return _NTXent.apply(q, r, codes_q, codes_r, 1.0 / temperature, is_self)
@@ -220,15 +220,33 @@ def tiled_ntxent(
 
 @torch.no_grad()
 def pair_statistics(
-    q: Tensor, r: Tensor, codes_q: Tensor, codes_r: Tensor, num_classes: int, is_self: bool
+    q: Tensor,
+    r: Tensor,
+    codes_q: Tensor,
+    codes_r: Tensor,
+    num_classes: int,
+    is_self: bool,
+    *,
+    similarities: bool = True,
 ) -> dict[str, Tensor]:
     """Pair counts and mean positive / negative cosine from class sums, in O((n + m) d).
 
     Returns
     -------
     dict with ``num_positive_pairs``, ``num_negative_pairs``, ``num_anchors`` (int64 scalars)
-    and ``mean_positive_similarity``, ``mean_negative_similarity`` (0 where there is no pair).
+    and, unless ``similarities=False``, ``mean_positive_similarity``,
+    ``mean_negative_similarity`` (0 where there is no pair).
     """
+    if not similarities:
+        class_count = torch.bincount(codes_r, minlength=num_classes)
+        positive_count = class_count[codes_q] - (1 if is_self else 0)
+        positives = positive_count.sum()
+        pairs = q.shape[0] * r.shape[0] - (q.shape[0] if is_self else 0)
+        return {
+            "num_positive_pairs": positives,
+            "num_negative_pairs": pairs - positives,
+            "num_anchors": torch.count_nonzero(positive_count > 0),
+        }
     q64, r64 = q.double(), r.double()
     positive_sum, positive_count = _positive_sums(q64, r64, codes_q, codes_r, num_classes, is_self)
     positives = positive_count.sum()

@@ -34,7 +34,45 @@ sample of the batch, shape ``(batch_size,)`` (per anchor for pair losses, per ro
 classifier losses); ``"sum"`` is their sum; ``"mean"`` is the loss as published, which for
 some families is not the plain mean of the per-sample values (each loss's docstring says
 how they relate). ``last_value`` is the returned value for ``"mean"``/``"sum"`` and the mean
-of the per-sample values for ``"none"``.
+of the per-sample values for ``"none"``. For pair losses the per-sample value is each
+anchor's term before the loss's outer average: its own term where the published loss is a
+mean over anchors, the sum of its pairs' or triplets' terms where it is a mean over pairs
+or triplets.
+
+Input validation: one pass per public call
+------------------------------------------
+The entry point (:meth:`PairLoss.forward`, :meth:`ClassifierLoss.forward`) checks its
+inputs once; nothing it calls (similarity, mining, the loss's ``compute``) checks again.
+
+* Shape, dtype and device checks are free (they read metadata) and always run.
+* Value checks cost a read of the data, which on an accelerator is a host sync that
+  stalls the queue every step, so they depend on where the data is:
+
+  - labels out of ``[0, num_classes)`` (classifier losses) raise a ``ValueError`` on the
+    CPU and are queued with ``torch._assert_async`` on an accelerator (no sync; a bad
+    label stops the device's work, as the indexing that follows would anyway); inside
+    ``torch.compile`` the check is left to that indexing;
+  - non-finite embeddings follow ``nonfinite`` (below).
+
+Non-finite inputs: ``nonfinite="auto" | "raise" | "propagate"``
+---------------------------------------------------------------
+``"raise"`` rejects NaN/inf embeddings with a ``ValueError`` naming the argument and the
+count (a host sync on an accelerator). ``"propagate"`` lets them through without any sync:
+the loss returned is NaN (so every gradient is non-finite, and
+``torch.amp.GradScaler`` skips the step and lowers its scale, which is what mixed
+precision expects of an occasional overflow) and ``last_stats["nonfinite_inputs"]``
+counts the non-finite entries seen. ``"auto"`` (the default) raises in plain CPU eager
+mode and propagates under autocast, on an accelerator and inside ``torch.compile`` (where
+a data-dependent raise would break the graph). Set it in the constructor or later
+(``loss.nonfinite = "propagate"``).
+
+Statistics
+----------
+``last_stats`` is built from quantities the loss computed anyway (pair counts, active
+counts, the sums it reduced) plus at most two extra reads of the N×M matrix for the mean
+positive/negative similarity. ``record_stats=False`` (a pair loss's constructor keyword,
+or the attribute on any loss) skips them: ``last_stats`` is then empty (but for
+``nonfinite_inputs`` when propagating).
 """
 
 from __future__ import annotations
@@ -47,23 +85,37 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import (
+    check_bool,
     check_choice,
     check_class_labels,
     check_embeddings,
     check_labels,
     check_matching_dim,
     check_real,
+    count_nonfinite,
 )
-from ..mining import pair_masks
-from ..similarity import working_dtype
+from ..mining import _compiling, pair_masks
+from ..similarity import _autocast_enabled, working_dtype
 
-__all__ = ["ClassifierLoss", "HyperChecks", "Loss", "LossSum", "PairBatch", "PairLoss", "Reduction"]
+__all__ = [
+    "ClassifierLoss",
+    "HyperChecks",
+    "Loss",
+    "LossSum",
+    "NonFinite",
+    "PairBatch",
+    "PairLoss",
+    "Reduction",
+]
 
 #: Hyper-parameter name -> a check that returns the checked value or raises.
 HyperChecks = Mapping[str, Callable[[Any], Any]]
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
+
+NonFinite = Literal["auto", "raise", "propagate"]
+NONFINITE_MODES = ("auto", "raise", "propagate")
 
 
 class Loss(nn.Module):
@@ -79,15 +131,23 @@ class Loss(nn.Module):
     #: does), and saved in ``state_dict`` so a checkpoint cannot load into other settings.
     hyper_parameters: ClassVar[HyperChecks] = {}
 
-    def __init__(self, *, reduction: Reduction = "mean") -> None:
+    def __init__(
+        self, *, reduction: Reduction = "mean", nonfinite: NonFinite = "auto", record_stats: bool = True
+    ) -> None:
         super().__init__()
         self._last_value: Tensor | None = None
         self._last_stats: dict[str, Tensor | float] = {}
         self.reduction: Reduction = reduction
+        self.nonfinite: NonFinite = nonfinite
+        self.record_stats: bool = record_stats
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "reduction":
             value = check_choice(value, "reduction", REDUCTIONS)
+        elif name == "nonfinite":
+            value = check_choice(value, "nonfinite", NONFINITE_MODES)
+        elif name == "record_stats":
+            value = check_bool(value, "record_stats")
         check = type(self).hyper_parameters.get(name)
         if check is not None:
             value = check(value)
@@ -104,6 +164,42 @@ class Loss(nn.Module):
         if self.reduction == "sum":
             return per_sample.sum()
         return per_sample.mean() if mean is None else mean
+
+    # -- input values ------------------------------------------------------------
+    def _check_values(self, *named: tuple[Tensor | None, str]) -> Tensor | None:
+        """The value checks of one call, after the shape checks (see the module docstring).
+
+        Raises on non-finite embeddings when ``nonfinite`` resolves to ``"raise"`` and
+        returns ``None``; otherwise returns the number of non-finite entries as a 0-d
+        tensor (no host sync), for :meth:`_finish`.
+        """
+        tensors = [(t, name) for t, name in named if t is not None]
+        device = tensors[0][0].device
+        mode = self.nonfinite
+        if mode == "auto":
+            lenient = device.type != "cpu" or _autocast_enabled(device.type) or _compiling()
+            mode = "propagate" if lenient else "raise"
+        if mode == "raise":
+            for tensor, name in tensors:
+                check_embeddings(tensor, name)
+            return None
+        count = count_nonfinite(tensors[0][0])
+        for tensor, _ in tensors[1:]:
+            count = count + count_nonfinite(tensor)
+        return count
+
+    def _finish(self, value: Tensor, stats: dict[str, Tensor | float], nonfinite: Tensor | None) -> Tensor:
+        """Record the call; with non-finite inputs let through, make the value NaN."""
+        if not self.record_stats:
+            # Pair losses skip computing them; a loss that computed some anyway keeps none.
+            stats = {}
+        if nonfinite is not None:
+            # NaN times the value: a NaN loss and NaN gradients everywhere, so a GradScaler
+            # sees the overflow and skips the step (a masked NaN could leave finite garbage).
+            poison = torch.where(nonfinite > 0, float("nan"), 1.0).to(value.dtype)
+            value = value * poison
+            stats["nonfinite_inputs"] = nonfinite
+        return self._record(value, stats)
 
     # -- checkpoints -------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -387,6 +483,11 @@ class PairBatch:
         The batch is compared against itself; the diagonal is no pair.
     positive_mask, negative_mask : Tensor of shape (n, m) and dtype bool
         Same label (excluding each item paired with itself) and different label.
+    num_positive_pairs, num_negative_pairs : Tensor of shape () and dtype int64
+        Their sizes (counted once, from the positive mask).
+
+    Only shapes and dtypes are checked here: the values (finite or not) are the calling
+    loss's business (see ``nonfinite`` in the module docstring).
     """
 
     def __init__(
@@ -396,7 +497,7 @@ class PairBatch:
         ref_embeddings: Tensor | None,
         ref_labels: Any,
     ) -> None:
-        check_embeddings(embeddings, "embeddings")
+        check_embeddings(embeddings, "embeddings", check_finite=False)
         self.labels = check_labels(labels, embeddings.shape[0], "labels", device=embeddings.device)
         if (ref_embeddings is None) != (ref_labels is None):
             raise ValueError(
@@ -408,7 +509,7 @@ class PairBatch:
         if ref_embeddings is None:
             self.ref_embeddings, self.ref_labels = embeddings, self.labels
         else:
-            check_embeddings(ref_embeddings, "ref_embeddings")
+            check_embeddings(ref_embeddings, "ref_embeddings", check_finite=False)
             check_matching_dim(embeddings, ref_embeddings, "embeddings", "ref_embeddings")
             self.ref_embeddings = ref_embeddings
             self.ref_labels = check_labels(
@@ -419,6 +520,7 @@ class PairBatch:
                 rows_name="ref_embeddings",
             )
         self._masks: tuple[Tensor, Tensor] | None = None
+        self._num_positive: Tensor | None = None
 
     # The N×M masks are built on first use: the tiled InfoNCE path never needs them.
     @property
@@ -433,6 +535,19 @@ class PairBatch:
         if self._masks is None:
             self._masks = pair_masks(self.labels, None if self.is_self else self.ref_labels)
         return self._masks
+
+    @property
+    def num_positive_pairs(self) -> Tensor:
+        if self._num_positive is None:
+            # count_nonzero, not .sum(): a bool sum first converts all N×M entries to int64.
+            self._num_positive = torch.count_nonzero(self.positive_mask)
+        return self._num_positive
+
+    @property
+    def num_negative_pairs(self) -> Tensor:
+        # Every (query, reference) pair is positive or negative, but for the self-pairs.
+        n, m = self.embeddings.shape[0], self.ref_embeddings.shape[0]
+        return n * m - (n if self.is_self else 0) - self.num_positive_pairs
 
 
 class PairLoss(Loss):
@@ -488,19 +603,42 @@ class PairLoss(Loss):
         """
         _reject_unexpected(self, unexpected)
         batch = PairBatch(embeddings, labels, ref_embeddings, ref_labels)
+        nonfinite = self._check_values(
+            (batch.embeddings, "embeddings"),
+            (None if batch.is_self else batch.ref_embeddings, "ref_embeddings"),
+        )
         value, stats = self.compute(batch)
-        return self._record(value, stats)
+        return self._finish(value, stats, nonfinite)
 
     def compute(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The loss (reduced as ``self.reduction`` says) and its statistics, on a checked batch."""
         raise NotImplementedError
 
     @staticmethod
     def pair_counts(batch: PairBatch) -> dict[str, Tensor | float]:
         """The number of positive and negative pairs, for ``last_stats``."""
         return {
-            "num_positive_pairs": batch.positive_mask.sum(),
-            "num_negative_pairs": batch.negative_mask.sum(),
+            "num_positive_pairs": batch.num_positive_pairs,
+            "num_negative_pairs": batch.num_negative_pairs,
         }
+
+    @staticmethod
+    def pair_means(
+        batch: PairBatch, values: Tensor, positive_sum: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Mean of ``values`` (N×M) over the positive pairs and over the negative pairs.
+
+        ``positive_sum`` (the sum over the positive pairs) is reused when the loss has it.
+        Each sum is read directly (a total minus the positives would round to values just
+        outside the range, e.g. a distance of -2e-16, when negatives are few).
+        """
+        values = values.detach()
+        if positive_sum is None:
+            positive_sum = torch.where(batch.positive_mask, values, 0.0).sum()
+        negative_sum = torch.where(batch.negative_mask, values, 0.0).sum()
+        positive_mean = positive_sum / batch.num_positive_pairs.clamp_min(1)
+        negative_mean = negative_sum / batch.num_negative_pairs.clamp_min(1)
+        return positive_mean, negative_mean
 
 
 class ClassifierLoss(Loss):
@@ -526,12 +664,14 @@ class ClassifierLoss(Loss):
             A scalar.
         """
         _reject_unexpected(self, kwargs)
-        check_embeddings(embeddings, "embeddings")
+        check_embeddings(embeddings, "embeddings", check_finite=False)
         self._check_dim(embeddings)
         labels = check_labels(labels, embeddings.shape[0], "labels", device=embeddings.device)
-        check_class_labels(labels, self.num_classes, "labels")
+        nonfinite = self._check_values((embeddings, "embeddings"))
+        if not _compiling():  # a data-dependent raise would break the graph; indexing still fails
+            check_class_labels(labels, self.num_classes, "labels")
         value, stats = self.compute(embeddings, labels)
-        return self._record(value, stats)
+        return self._finish(value, stats, nonfinite)
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor | float]]:
         raise NotImplementedError
@@ -552,10 +692,11 @@ class ClassifierLoss(Loss):
 # -- masked reductions shared by the losses ---------------------------------------
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``values`` where ``mask`` is true; 0 (not NaN) where nothing is selected."""
-    kept = torch.where(mask, values, torch.zeros_like(values))
+    kept = torch.where(mask, values, 0.0)
+    # count_nonzero, not mask.sum(): a bool sum converts every entry to int64 first.
     if dim is None:
-        return kept.sum() / mask.sum().clamp_min(1)
-    return kept.sum(dim) / mask.sum(dim).clamp_min(1)
+        return kept.sum() / torch.count_nonzero(mask).clamp_min(1)
+    return kept.sum(dim) / torch.count_nonzero(mask, dim=dim).clamp_min(1)
 
 
 def masked_logsumexp(values: Tensor, mask: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -565,7 +706,7 @@ def masked_logsumexp(values: Tensor, mask: Tensor, dim: int) -> tuple[Tensor, Te
     with the dtype's lowest finite value instead of ``-inf``, so an empty selection
     gives a finite value with a zero gradient rather than NaN.
     """
-    filled = torch.where(mask, values, torch.full_like(values, torch.finfo(values.dtype).min))
+    filled = torch.where(mask, values, torch.finfo(values.dtype).min)
     return torch.logsumexp(filled, dim=dim), mask.any(dim=dim)
 
 
@@ -573,4 +714,13 @@ def log1p_sum_exp(values: Tensor, mask: Tensor, dim: int) -> Tensor:
     """``log(1 + Σ exp(values))`` over the masked entries along ``dim`` (0 if none)."""
     lse, anything = masked_logsumexp(values, mask, dim)
     # logaddexp(lse, 0) is log(1 + e^lse) exactly; softplus returns x itself above 20.
-    return torch.where(anything, torch.logaddexp(lse, torch.zeros_like(lse)), torch.zeros_like(lse))
+    return torch.where(anything, torch.logaddexp(lse, torch.zeros_like(lse)), 0.0)
+
+
+def attached_zero_unless(condition: Tensor, value: Tensor) -> Tensor:
+    """``value`` where ``condition`` holds, else an attached 0 — without a host sync.
+
+    For "a batch without pairs gives 0" rules: ``torch.where`` keeps the graph (the
+    gradient is 0 on the zero side) and torch.compile sees no data-dependent branch.
+    """
+    return torch.where(condition, value, 0.0)

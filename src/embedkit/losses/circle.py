@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._checks import check_real
 from ..similarity import pairwise_similarity
-from .base import HyperChecks, PairBatch, PairLoss, masked_logsumexp, masked_mean
+from .base import HyperChecks, NonFinite, PairBatch, PairLoss, Reduction, masked_logsumexp
 
 __all__ = ["CircleLoss"]
 
@@ -33,6 +33,10 @@ class CircleLoss(PairLoss):
         re-identification, 0.4 for fine-grained retrieval).
     gamma : float
         Scale (default 80; the paper uses 256 for faces, 128 for re-identification).
+    reduction, nonfinite, record_stats
+        As for every loss (:mod:`embedkit.losses.base`). ``"none"`` gives each ``L_i``
+        (0 for an anchor without a positive or a negative); ``"mean"`` is their sum over
+        the number of anchors with both, not the mean over the batch.
 
     Notes
     -----
@@ -45,8 +49,16 @@ class CircleLoss(PairLoss):
         "gamma": partial(check_real, name="gamma", low=0.0, low_inclusive=False),
     }
 
-    def __init__(self, m: float = 0.4, gamma: float = 80.0) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        m: float = 0.4,
+        gamma: float = 80.0,
+        *,
+        reduction: Reduction = "mean",
+        nonfinite: NonFinite = "auto",
+        record_stats: bool = True,
+    ) -> None:
+        super().__init__(reduction=reduction, nonfinite=nonfinite, record_stats=record_stats)
         self.m = check_real(m, "m")
         self.gamma = check_real(gamma, "gamma", low=0.0, low_inclusive=False)
 
@@ -60,12 +72,17 @@ class CircleLoss(PairLoss):
         neg_lse, has_neg = masked_logsumexp(self.gamma * alpha_n * (cos - self.m), neg, dim=1)
         anchors = has_pos & has_neg
         total = pos_lse + neg_lse
-        loss = masked_mean(torch.logaddexp(total, torch.zeros_like(total)), anchors)
-        with torch.no_grad():
-            stats = self.pair_counts(batch)
-            stats["num_anchors"] = anchors.sum()
-            stats["mean_positive_similarity"] = masked_mean(cos, pos)
-            stats["mean_negative_similarity"] = masked_mean(cos, neg)
+        per_anchor = torch.where(anchors, torch.logaddexp(total, torch.zeros_like(total)), 0.0)
+        num_anchors = torch.count_nonzero(anchors)
+        loss = self._reduce(per_anchor, per_anchor.sum() / num_anchors.clamp_min(1))
+        stats: dict[str, Tensor | float] = {}
+        if self.record_stats:
+            with torch.no_grad():
+                mean_positive, mean_negative = self.pair_means(batch, cos)
+                stats = self.pair_counts(batch)
+                stats["num_anchors"] = num_anchors
+                stats["mean_positive_similarity"] = mean_positive
+                stats["mean_negative_similarity"] = mean_negative
         return loss, stats
 
     def extra_repr(self) -> str:

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._checks import check_bool, check_choice, check_real
 from ..similarity import pairwise_distance
-from .base import HyperChecks, PairBatch, PairLoss, masked_mean
+from .base import HyperChecks, NonFinite, PairBatch, PairLoss, Reduction
 
 __all__ = ["ContrastiveLoss", "Distance"]
 
@@ -27,6 +27,12 @@ class ContrastiveLoss(PairLoss):
     Each term is averaged over its *active* pairs (those with a non-zero loss),
     so easy pairs do not dilute the gradient as the model improves.
 
+    ``reduction="none"`` gives each anchor's sum of hinges,
+    ``ℓ_i = Σ_p [d_ip - m+]_+ + Σ_n [m- - d_in]_+``, and ``"sum"`` their total; the mean
+    (``"mean"``) divides the positive part of that total by the number of active positive
+    pairs and the negative part by the number of active negative pairs, so it is not
+    ``ℓ.mean()``.
+
     Parameters
     ----------
     pos_margin : float
@@ -37,6 +43,8 @@ class ContrastiveLoss(PairLoss):
         ``"cosine"`` is ``1 - cos``.
     normalize : bool
         L2-normalise embeddings before a euclidean distance (default True).
+    reduction, nonfinite, record_stats
+        As for every loss (:mod:`embedkit.losses.base`).
 
     Notes
     -----
@@ -65,8 +73,11 @@ class ContrastiveLoss(PairLoss):
         *,
         distance: Distance = "euclidean",
         normalize: bool = True,
+        reduction: Reduction = "mean",
+        nonfinite: NonFinite = "auto",
+        record_stats: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction, nonfinite=nonfinite, record_stats=record_stats)
         # Each assignment is checked by ``hyper_parameters`` (here and after construction).
         self.pos_margin: float = pos_margin
         self.neg_margin: float = neg_margin
@@ -78,19 +89,39 @@ class ContrastiveLoss(PairLoss):
             batch.embeddings, None if batch.is_self else batch.ref_embeddings,
             metric=self.distance, normalize=self.normalize,
         )  # fmt: skip
-        pos_loss = torch.relu(d - self.pos_margin)
-        neg_loss = torch.relu(self.neg_margin - d)
-        pos_active = batch.positive_mask & (pos_loss > 0)
-        neg_active = batch.negative_mask & (neg_loss > 0)
-        loss = masked_mean(pos_loss, pos_active) + masked_mean(neg_loss, neg_active)
         with torch.no_grad():
-            stats = self.pair_counts(batch)
-            stats.update(
-                active_positive_fraction=pos_active.sum() / batch.positive_mask.sum().clamp_min(1),
-                active_negative_fraction=neg_active.sum() / batch.negative_mask.sum().clamp_min(1),
-                mean_positive_distance=masked_mean(d, batch.positive_mask),
-                mean_negative_distance=masked_mean(d, batch.negative_mask),
+            # [d - m]_+ > 0 exactly when d > m (a difference of floats is 0 only for equal ones).
+            pos_active = batch.positive_mask & (d > self.pos_margin)
+            neg_active = batch.negative_mask & (d < self.neg_margin)
+            per_anchor = self.reduction == "none"
+            num_pos_active = torch.count_nonzero(pos_active, dim=1 if per_anchor else None)
+            num_neg_active = torch.count_nonzero(neg_active, dim=1 if per_anchor else None)
+            # The loss is linear in d on its active pairs: L = Σ w·d + c, with w = +1/-1 (per
+            # anchor) or 1/#active (the mean) on the active positive/negative pairs. One
+            # product with d, instead of a hinge, a mask and a mean per term.
+            if per_anchor or self.reduction == "sum":
+                pos_weight = torch.ones((), dtype=d.dtype, device=d.device)
+                neg_weight = pos_weight
+            else:
+                pos_weight = 1.0 / num_pos_active.clamp_min(1).to(d.dtype)
+                neg_weight = 1.0 / num_neg_active.clamp_min(1).to(d.dtype)
+            weight = torch.where(pos_active, pos_weight, 0.0).masked_fill_(neg_active, -neg_weight)
+            constant = (
+                self.neg_margin * num_neg_active * neg_weight - self.pos_margin * num_pos_active * pos_weight
             )
+        # "none": each anchor's hinges; "sum": their total; "mean": the two active-pair means.
+        loss = (d * weight).sum(dim=1) + constant if per_anchor else (d * weight).sum() + constant
+        stats: dict[str, Tensor | float] = {}
+        if self.record_stats:
+            with torch.no_grad():
+                mean_positive, mean_negative = self.pair_means(batch, d)
+                stats = self.pair_counts(batch)
+                stats.update(
+                    active_positive_fraction=num_pos_active.sum() / batch.num_positive_pairs.clamp_min(1),
+                    active_negative_fraction=num_neg_active.sum() / batch.num_negative_pairs.clamp_min(1),
+                    mean_positive_distance=mean_positive,
+                    mean_negative_distance=mean_negative,
+                )
         return loss, stats
 
     def extra_repr(self) -> str:

@@ -11,20 +11,32 @@ from torch import Tensor
 from .._checks import check_bool, check_real
 from ..similarity import l2_normalize, pairwise_similarity, working_dtype
 from ..tiled import class_codes, pair_statistics, tiled_ntxent, tiled_supcon
-from .base import HyperChecks, PairBatch, PairLoss, masked_logsumexp, masked_mean
+from .base import HyperChecks, NonFinite, PairBatch, PairLoss, Reduction, attached_zero_unless
 
 __all__ = ["NTXentLoss", "SupConLoss"]
 
 
-def _similarity_stats(batch: PairBatch, cos: Tensor) -> dict[str, Tensor | float]:
+def _similarity_stats(
+    batch: PairBatch, cos: Tensor, positive_sum: Tensor | None = None
+) -> dict[str, Tensor | float]:
     stats = PairLoss.pair_counts(batch)
-    stats["mean_positive_similarity"] = masked_mean(cos, batch.positive_mask)
-    stats["mean_negative_similarity"] = masked_mean(cos, batch.negative_mask)
+    positive, negative = PairLoss.pair_means(batch, cos, positive_sum)
+    stats["mean_positive_similarity"] = positive
+    stats["mean_negative_similarity"] = negative
     return stats
 
 
-def _has_pairs(batch: PairBatch) -> bool:
-    return bool(batch.positive_mask.any()) and bool(batch.negative_mask.any())
+def _has_pairs(batch: PairBatch) -> Tensor:
+    """Whether the batch has a positive and a negative pair, as a tensor (no host sync)."""
+    return (batch.num_positive_pairs > 0) & (batch.num_negative_pairs > 0)
+
+
+def _logits_without_self_pairs(cos: Tensor, temperature: float, is_self: bool) -> Tensor:
+    """``cos / τ`` with each item's pair with itself at the lowest float (out of every sum)."""
+    logits = cos / temperature
+    if is_self:
+        logits.diagonal().fill_(torch.finfo(logits.dtype).min)
+    return logits
 
 
 #: Above this many (query, reference) pairs the losses take the tiled path by default: the
@@ -41,13 +53,20 @@ def _use_tiled(tiled: bool | None, batch: PairBatch) -> bool:
     return pairs > TILED_ABOVE if tiled is None else tiled
 
 
-def _tiled_inputs(batch: PairBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, int, dict[str, Tensor]]:
-    """Unit embeddings in the working dtype, class codes and the pair statistics, without N×M."""
+def _tiled_inputs(
+    batch: PairBatch, similarities: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, dict[str, Tensor]]:
+    """Unit embeddings in the working dtype, class codes and the pair statistics, without N×M.
+
+    ``similarities=False`` leaves out the mean similarities (only the counts the loss needs).
+    """
     dtype = working_dtype(torch.promote_types(batch.embeddings.dtype, batch.ref_embeddings.dtype))
     q = l2_normalize(batch.embeddings.to(dtype))
     r = q if batch.is_self else l2_normalize(batch.ref_embeddings.to(dtype))
     codes_q, codes_r, num_classes = class_codes(batch.labels, batch.ref_labels)
-    stats = pair_statistics(q.detach(), r.detach(), codes_q, codes_r, num_classes, batch.is_self)
+    stats = pair_statistics(
+        q.detach(), r.detach(), codes_q, codes_r, num_classes, batch.is_self, similarities=similarities
+    )
     return q, r, codes_q, codes_r, num_classes, stats
 
 
@@ -70,6 +89,11 @@ class SupConLoss(PairLoss):
         in the batch, the same value and gradient. ``None`` (default) tiles batches of more
         than ``4096 × 4096`` (query, reference) pairs.
 
+    reduction, nonfinite, record_stats
+        As for every loss (:mod:`embedkit.losses.base`). ``"none"`` gives each anchor's
+        term (0 for an anchor without positives); ``"mean"`` averages it over the anchors
+        with a positive, so it is ``sum / num_anchors``, not the mean over the batch.
+
     Notes
     -----
     Equal to pytorch-metric-learning's ``SupConLoss(temperature)``. A batch with no
@@ -82,33 +106,45 @@ class SupConLoss(PairLoss):
         "temperature": partial(check_real, name="temperature", low=0.0, low_inclusive=False)
     }
 
-    def __init__(self, temperature: float = 0.1, *, tiled: bool | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        *,
+        tiled: bool | None = None,
+        reduction: Reduction = "mean",
+        nonfinite: NonFinite = "auto",
+        record_stats: bool = True,
+    ) -> None:
+        super().__init__(reduction=reduction, nonfinite=nonfinite, record_stats=record_stats)
         self.temperature = check_real(temperature, "temperature", low=0.0, low_inclusive=False)
         self.tiled = _check_tiled(tiled)
 
     def compute(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
         if _use_tiled(self.tiled, batch):
-            q, r, codes_q, codes_r, num_classes, tiled_stats = _tiled_inputs(batch)
-            if bool(tiled_stats["num_positive_pairs"] > 0) and bool(tiled_stats["num_negative_pairs"] > 0):
-                loss = tiled_supcon(q, r, codes_q, codes_r, num_classes, self.temperature, batch.is_self)
-            else:
-                loss = self._zero(batch.embeddings)
-            return loss, dict(tiled_stats)
+            q, r, codes_q, codes_r, num_classes, tiled_stats = _tiled_inputs(batch, self.record_stats)
+            per_anchor = tiled_supcon(q, r, codes_q, codes_r, num_classes, self.temperature, batch.is_self)
+            has_pairs = (tiled_stats["num_positive_pairs"] > 0) & (tiled_stats["num_negative_pairs"] > 0)
+            per_anchor = attached_zero_unless(has_pairs, per_anchor)
+            num_anchors = tiled_stats["num_anchors"]
+            loss = self._reduce(per_anchor, per_anchor.sum() / num_anchors.clamp_min(1))
+            return loss, dict(tiled_stats) if self.record_stats else {}
         cos = pairwise_similarity(batch.embeddings, None if batch.is_self else batch.ref_embeddings)
-        pos, neg = batch.positive_mask, batch.negative_mask
-        anchors = pos.any(dim=1)
-        if _has_pairs(batch):
-            logits = cos / self.temperature
-            denominator, _ = masked_logsumexp(logits, pos | neg, dim=1)
-            log_prob = logits - denominator[:, None]
-            per_anchor = -masked_mean(log_prob, pos, dim=1)
-            loss = masked_mean(per_anchor, anchors)
-        else:
-            loss = self._zero(batch.embeddings)
-        with torch.no_grad():
-            stats = _similarity_stats(batch, cos)
-            stats["num_anchors"] = anchors.sum()
+        pos = batch.positive_mask
+        num_pos = torch.count_nonzero(pos, dim=1)
+        anchors = num_pos > 0
+        # -(1/|P(i)|) Σ_p log(e^{s_ip/τ} / Σ_{a≠i} e^{s_ia/τ}) = lse_i - (Σ_p s_ip/τ) / |P(i)|.
+        logits = _logits_without_self_pairs(cos, self.temperature, batch.is_self)
+        denominator = torch.logsumexp(logits, dim=1)
+        positive_logits = torch.where(pos, logits, 0.0).sum(dim=1)
+        per_anchor = torch.where(anchors, denominator - positive_logits / num_pos.clamp_min(1), 0.0)
+        per_anchor = attached_zero_unless(_has_pairs(batch), per_anchor)
+        num_anchors = torch.count_nonzero(anchors)
+        loss = self._reduce(per_anchor, per_anchor.sum() / num_anchors.clamp_min(1))
+        stats: dict[str, Tensor | float] = {}
+        if self.record_stats:
+            with torch.no_grad():
+                stats = _similarity_stats(batch, cos, positive_logits.sum() * self.temperature)
+                stats["num_anchors"] = num_anchors
         return loss, stats
 
     def extra_repr(self) -> str:
@@ -131,6 +167,11 @@ class NTXentLoss(PairLoss):
     tiled : bool, optional
         As for :class:`SupConLoss`.
 
+    reduction, nonfinite, record_stats
+        As for every loss (:mod:`embedkit.losses.base`). ``"none"`` gives each anchor's
+        sum over its positive pairs; ``"mean"`` divides their total by the number of
+        positive pairs (``sum / num_positive_pairs``).
+
     Notes
     -----
     Equal to pytorch-metric-learning's ``NTXentLoss(temperature)``. For SimCLR,
@@ -142,34 +183,46 @@ class NTXentLoss(PairLoss):
         "temperature": partial(check_real, name="temperature", low=0.0, low_inclusive=False)
     }
 
-    def __init__(self, temperature: float = 0.07, *, tiled: bool | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        *,
+        tiled: bool | None = None,
+        reduction: Reduction = "mean",
+        nonfinite: NonFinite = "auto",
+        record_stats: bool = True,
+    ) -> None:
+        super().__init__(reduction=reduction, nonfinite=nonfinite, record_stats=record_stats)
         self.temperature = check_real(temperature, "temperature", low=0.0, low_inclusive=False)
         self.tiled = _check_tiled(tiled)
 
     def compute(self, batch: PairBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
         if _use_tiled(self.tiled, batch):
-            q, r, codes_q, codes_r, _, tiled_stats = _tiled_inputs(batch)
-            pair_stats: dict[str, Tensor | float] = {
-                k: v for k, v in tiled_stats.items() if k != "num_anchors"
-            }
-            if bool(tiled_stats["num_positive_pairs"] > 0) and bool(tiled_stats["num_negative_pairs"] > 0):
-                loss = tiled_ntxent(q, r, codes_q, codes_r, self.temperature, batch.is_self)
-            else:
-                loss = self._zero(batch.embeddings)
-            return loss, pair_stats
+            q, r, codes_q, codes_r, _, tiled_stats = _tiled_inputs(batch, self.record_stats)
+            per_anchor = tiled_ntxent(q, r, codes_q, codes_r, self.temperature, batch.is_self)
+            has_pairs = (tiled_stats["num_positive_pairs"] > 0) & (tiled_stats["num_negative_pairs"] > 0)
+            per_anchor = attached_zero_unless(has_pairs, per_anchor)
+            num_pairs = tiled_stats["num_positive_pairs"]
+            loss = self._reduce(per_anchor, per_anchor.sum() / num_pairs.clamp_min(1))
+            if not self.record_stats:
+                return loss, {}
+            return loss, {k: v for k, v in tiled_stats.items() if k != "num_anchors"}
         cos = pairwise_similarity(batch.embeddings, None if batch.is_self else batch.ref_embeddings)
         pos, neg = batch.positive_mask, batch.negative_mask
-        if _has_pairs(batch):
-            logits = cos / self.temperature
-            negatives, has_negative = masked_logsumexp(logits, neg, dim=1)
-            negatives = torch.where(has_negative, negatives, torch.full_like(negatives, float("-inf")))
-            per_pair = torch.logaddexp(logits, negatives[:, None]) - logits
-            loss = masked_mean(per_pair, pos)
-        else:
-            loss = self._zero(batch.embeddings)
-        with torch.no_grad():
-            stats = _similarity_stats(batch, cos)
+        logits = cos / self.temperature
+        # The negatives' log-sum-exp once per anchor (-inf for an anchor without negatives).
+        negatives = torch.logsumexp(torch.where(neg, logits, float("-inf")), dim=1)
+        # Then one term per positive pair: -log(e^{s_ap} / (e^{s_ap} + e^{lse_a})), on the N×M
+        # matrix with a mask (a gather of the positives would give torch.compile a shape
+        # that depends on the data).
+        per_pair = torch.logaddexp(logits, negatives[:, None]) - logits
+        per_anchor = torch.where(pos, per_pair, 0.0).sum(dim=1)
+        per_anchor = attached_zero_unless(_has_pairs(batch), per_anchor)
+        loss = self._reduce(per_anchor, per_anchor.sum() / batch.num_positive_pairs.clamp_min(1))
+        stats: dict[str, Tensor | float] = {}
+        if self.record_stats:
+            with torch.no_grad():
+                stats = _similarity_stats(batch, cos)
         return loss, stats
 
     def extra_repr(self) -> str:

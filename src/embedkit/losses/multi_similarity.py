@@ -11,7 +11,7 @@ from torch import Tensor
 from .._checks import check_bool, check_real
 from ..mining import multi_similarity_pairs
 from ..similarity import pairwise_similarity
-from .base import HyperChecks, PairBatch, PairLoss, log1p_sum_exp, masked_mean
+from .base import HyperChecks, NonFinite, PairBatch, PairLoss, Reduction, log1p_sum_exp
 
 __all__ = ["MultiSimilarityLoss"]
 
@@ -39,6 +39,9 @@ class MultiSimilarityLoss(PairLoss):
         Apply the paper's pair mining first (default True, as in the paper).
     epsilon : float
         The mining margin (paper default 0.1).
+    reduction, nonfinite, record_stats
+        As for every loss (:mod:`embedkit.losses.base`). ``"none"`` gives each anchor's
+        bracket; ``"mean"`` is their plain mean (every anchor counts).
 
     Notes
     -----
@@ -65,8 +68,11 @@ class MultiSimilarityLoss(PairLoss):
         *,
         mining: bool = True,
         epsilon: float = 0.1,
+        reduction: Reduction = "mean",
+        nonfinite: NonFinite = "auto",
+        record_stats: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction, nonfinite=nonfinite, record_stats=record_stats)
         self.alpha = check_real(alpha, "alpha", low=0.0, low_inclusive=False)
         self.beta = check_real(beta, "beta", low=0.0, low_inclusive=False)
         self.base = check_real(base, "base")
@@ -80,15 +86,18 @@ class MultiSimilarityLoss(PairLoss):
             pos, neg = multi_similarity_pairs(cos, pos, neg, self.epsilon)
         pos_term = log1p_sum_exp(-self.alpha * (cos - self.base), pos, dim=1) / self.alpha
         neg_term = log1p_sum_exp(self.beta * (cos - self.base), neg, dim=1) / self.beta
-        loss = (pos_term + neg_term).mean()
-        with torch.no_grad():
-            stats = self.pair_counts(batch)
-            stats.update(
-                num_mined_positive_pairs=pos.sum(),
-                num_mined_negative_pairs=neg.sum(),
-                mean_positive_similarity=masked_mean(cos, batch.positive_mask),
-                mean_negative_similarity=masked_mean(cos, batch.negative_mask),
-            )
+        loss = self._reduce(pos_term + neg_term)
+        stats: dict[str, Tensor | float] = {}
+        if self.record_stats:
+            with torch.no_grad():
+                mean_positive, mean_negative = self.pair_means(batch, cos)
+                stats = self.pair_counts(batch)
+                stats.update(
+                    num_mined_positive_pairs=torch.count_nonzero(pos),
+                    num_mined_negative_pairs=torch.count_nonzero(neg),
+                    mean_positive_similarity=mean_positive,
+                    mean_negative_similarity=mean_negative,
+                )
         return loss, stats
 
     def extra_repr(self) -> str:

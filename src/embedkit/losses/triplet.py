@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_bool, check_choice, check_real
-from ..mining import hardest_pairs, semi_hard_negatives, sorted_negatives
+from ..mining import hardest_pairs, positive_indices, semi_hard_negatives, sorted_negatives
 from ..similarity import pairwise_distance
-from .base import HyperChecks, PairBatch, PairLoss, masked_mean
+from .base import HyperChecks, NonFinite, PairBatch, PairLoss, Reduction
 from .contrastive import DISTANCES, Distance
 
 __all__ = ["TripletMarginLoss"]
@@ -21,8 +20,9 @@ __all__ = ["TripletMarginLoss"]
 Mining = Literal["all", "batch_all", "batch_hard", "semi_hard"]
 MININGS = ("all", "batch_all", "batch_hard", "semi_hard")
 
-# Soft-margin "all" triplets are summed over anchor blocks of at most this many
-# (anchor, positive, negative) entries, recomputed in backward (bounded memory).
+# Soft-margin triplets are summed over anchor blocks of (anchors, positives, negatives)
+# entries: at most N×M / 2 entries per block (two such temporaries: never more than the
+# N×M distance matrix itself) and at most this many.
 _BLOCK_ELEMENTS = 1 << 22
 
 
@@ -50,7 +50,18 @@ class TripletMarginLoss(PairLoss):
         mean over those pairs.
 
     "all"/"batch_all" are summed exactly from the N×M distance matrix by sorting
-    each anchor's negatives (O(N·M log M) time and O(N·M) memory, no N×M×M cube).
+    each anchor's negatives once and reading, for each of its positives, how many
+    negatives violate the margin and their sum (O(N·M log M) time and O(N·M) memory, no
+    N×M×M cube). With ``soft_margin`` (no such shortcut) each anchor's positives are
+    gathered and paired with its negatives, (anchors, positives, M) a block at a time
+    within N×M entries and recomputed in backward: O(N·P·M) time for P positives per
+    anchor (K-1 in a PK batch), memory never above the N×M distance matrix.
+
+    ``reduction="none"`` gives each anchor's sum over its triplets (batch-hard: its one
+    triplet; semi-hard: one per positive); ``"sum"`` their total; ``"mean"`` divides that
+    total by the number the mining averages over (active triplets for "batch_all", valid
+    triplets for "all", anchors with a triplet for "batch_hard", positive pairs with a
+    negative for "semi_hard").
 
     Parameters
     ----------
@@ -65,6 +76,8 @@ class TripletMarginLoss(PairLoss):
         L2-normalise embeddings before a euclidean distance (default True).
     soft_margin : bool
         Replace the hinge by a softplus (Hermans et al.; use ``margin=0`` for their form).
+    reduction, nonfinite, record_stats
+        As for every loss (:mod:`embedkit.losses.base`).
 
     Notes
     -----
@@ -97,8 +110,11 @@ class TripletMarginLoss(PairLoss):
         distance: Distance = "euclidean",
         normalize: bool = True,
         soft_margin: bool = False,
+        reduction: Reduction = "mean",
+        nonfinite: NonFinite = "auto",
+        record_stats: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(reduction=reduction, nonfinite=nonfinite, record_stats=record_stats)
         # Each assignment is checked by ``hyper_parameters`` (here and after construction).
         self.margin: float = margin
         self.mining: str = mining
@@ -116,70 +132,112 @@ class TripletMarginLoss(PairLoss):
         )  # fmt: skip
         pos, neg = batch.positive_mask, batch.negative_mask
         if self.mining in ("all", "batch_all"):
-            total, num_active, num_triplets = self._all_triplets(d, pos, neg)
+            per_anchor, num_active, num_triplets = self._all_triplets(d, pos, neg)
             divisor = num_active if self.mining == "batch_all" else num_triplets
-            loss = total / divisor.clamp_min(1)
+        elif self.mining == "batch_hard":
+            d_ap, d_an, valid = hardest_pairs(d, pos, neg)
+            per_anchor = torch.where(valid, self._hinge(d_ap - d_an + self.margin), 0.0)
+            num_triplets = torch.count_nonzero(valid)
+            num_active = torch.count_nonzero(per_anchor > 0)
+            divisor = num_triplets
         else:
-            if self.mining == "batch_hard":
-                d_ap, d_an, valid = hardest_pairs(d, pos, neg)
-            else:
-                d_an, valid = semi_hard_negatives(d, pos, neg)
-                d_ap = d
-            per_triplet = self._hinge(d_ap - d_an + self.margin)
-            loss = masked_mean(per_triplet, valid)
-            num_triplets = valid.sum()
-            num_active = (valid & (per_triplet > 0)).sum()
-        if not bool(num_triplets > 0):
-            loss = self._zero(batch.embeddings)
-        with torch.no_grad():
-            stats = self.pair_counts(batch)
-            stats.update(
-                num_triplets=num_triplets,
-                active_triplet_fraction=num_active / num_triplets.clamp_min(1),
-                mean_positive_distance=masked_mean(d, pos),
-                mean_negative_distance=masked_mean(d, neg),
-            )
+            d_an, valid = semi_hard_negatives(d, pos, neg)
+            per_pair = torch.where(valid, self._hinge(d - d_an + self.margin), 0.0)
+            per_anchor = per_pair.sum(dim=1)
+            num_triplets = torch.count_nonzero(valid)
+            num_active = torch.count_nonzero(per_pair > 0)
+            divisor = num_triplets
+        # Without any triplet every sum is an (attached) 0 and so is the mean.
+        loss = self._reduce(per_anchor, per_anchor.sum() / divisor.clamp_min(1))
+        stats: dict[str, Tensor | float] = {}
+        if self.record_stats:
+            with torch.no_grad():
+                mean_positive, mean_negative = self.pair_means(batch, d)
+                stats = self.pair_counts(batch)
+                stats.update(
+                    num_triplets=num_triplets,
+                    active_triplet_fraction=num_active / num_triplets.clamp_min(1),
+                    mean_positive_distance=mean_positive,
+                    mean_negative_distance=mean_negative,
+                )
         return loss, stats
 
     def _all_triplets(self, d: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Sum of the loss over every valid triplet, the number active, and the number valid."""
-        num_neg = neg.sum(dim=1)
-        num_triplets = (pos.sum(dim=1) * num_neg).sum()
+        """Each anchor's loss summed over its valid triplets, the number active, the number valid."""
+        index, valid = positive_indices(pos)
+        d_ap = d.gather(1, index)  # (N, P): each anchor's positive distances
+        num_pos = torch.count_nonzero(valid, dim=1)
+        num_neg = torch.count_nonzero(neg, dim=1)
+        num_triplets = (num_pos * num_neg).sum()
         if self.soft_margin:
-            return self._soft_all_triplets(d, pos, neg), num_triplets, num_triplets
-        # Σ_n [d_ap + m - d_an]_+ = c·(d_ap + m) - Σ_{the c negatives below d_ap + m} d_an,
-        # read off each anchor's sorted negatives and their prefix sums.
+            per_anchor = _SoftTriplets.apply(
+                torch.where(valid, d_ap, float("-inf")), torch.where(neg, d, float("inf")), self.margin
+            )
+            return per_anchor, num_triplets, num_triplets
+        # Σ_n [d_ap + m - d_an]_+ = c·(d_ap + m) - (the sum of the c negatives below d_ap + m),
+        # read off each anchor's sorted negatives (padded with +inf) and their prefix sums.
         values, _ = sorted_negatives(d, neg)
-        finite = torch.where(torch.isinf(values), torch.zeros_like(values), values)
-        prefix = F.pad(finite.cumsum(dim=1), (1, 0))
-        threshold = d + self.margin
+        threshold = d_ap + self.margin
         below = torch.searchsorted(values, threshold.detach().contiguous(), right=False)
-        below = torch.minimum(below, num_neg[:, None])
-        per_pair = below * threshold - prefix.gather(1, below)
-        total = torch.where(pos, per_pair, torch.zeros_like(per_pair)).sum()
-        num_active = torch.where(pos, below, torch.zeros_like(below)).sum()
-        return total, num_active, num_triplets
-
-    def _soft_all_triplets(self, d: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
-        """Σ softplus(d_ap - d_an + m) over valid triplets, in anchor blocks recomputed in backward."""
-
-        def block_sum(d_block: Tensor, pos_block: Tensor, neg_block: Tensor) -> Tensor:
-            violation = d_block[:, :, None] - d_block[:, None, :] + self.margin
-            valid = pos_block[:, :, None] & neg_block[:, None, :]
-            per = F.softplus(violation)
-            return torch.where(valid, per, torch.zeros_like(per)).sum()
-
-        m = d.shape[1]
-        step = max(1, _BLOCK_ELEMENTS // max(m * m, 1))
-        total = d.new_zeros(())
-        for start in range(0, d.shape[0], step):
-            rows = slice(start, start + step)
-            part = checkpoint(block_sum, d[rows], pos[rows], neg[rows], use_reentrant=False)
-            total = total + part
-        return total
+        below = torch.where(valid, torch.minimum(below, num_neg[:, None]), 0)
+        # prefix(c) = Σ_{k<c} values_k; only c <= num_neg is read, so the +inf padding never is.
+        prefix = values.cumsum(dim=1).gather(1, (below - 1).clamp_min(0))
+        prefix = torch.where(below > 0, prefix, 0.0)
+        per_pair = below * threshold - prefix
+        per_anchor = torch.where(valid, per_pair, 0.0).sum(dim=1)
+        return per_anchor, below.sum(), num_triplets
 
     def extra_repr(self) -> str:
         return (
             f"margin={self.margin:g}, mining={self.mining!r}, distance={self.distance!r}, "
             f"normalize={self.normalize}, soft_margin={self.soft_margin}"
         )
+
+
+class _SoftTriplets(torch.autograd.Function):
+    """Σ over (p, n) of softplus(d_ap - d_an + m) for each anchor, a block of anchors at a time.
+
+    Inputs are padded so that invalid entries vanish by themselves: ``d_ap`` is -inf at
+    padding positives and ``d_an`` (the N×M distances) +inf at non-negatives, so their
+    violation is -inf and softplus(-inf) = 0 with a zero gradient. Backward recomputes each
+    block: ``∂/∂d_ap = Σ_n σ(v)`` and ``∂/∂d_an = -Σ_p σ(v)``, scaled by each anchor's
+    incoming gradient. Nothing of size (N, P, M) is kept between the passes.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, d_ap: Tensor, d_an: Tensor, margin: float) -> Tensor:
+        per_anchor = d_ap.new_zeros(d_ap.shape[0])
+        for rows in _anchor_blocks(d_ap, d_an):
+            violation = _violation(d_ap[rows], d_an[rows], margin)
+            per_anchor[rows] = F.softplus(violation).sum(dim=(1, 2))
+        ctx.save_for_backward(d_ap, d_an)
+        ctx.margin = margin
+        return per_anchor
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        d_ap, d_an = ctx.saved_tensors
+        grad_ap = torch.zeros_like(d_ap)
+        grad_an = torch.zeros_like(d_an)
+        for rows in _anchor_blocks(d_ap, d_an):
+            slope = torch.sigmoid_(_violation(d_ap[rows], d_an[rows], ctx.margin))
+            slope.mul_(grad[rows, None, None])
+            grad_ap[rows] = slope.sum(dim=2)
+            grad_an[rows] = -slope.sum(dim=1)
+        # Padding entries had a zero slope; their +-inf inputs get a zero gradient.
+        return grad_ap, grad_an, None
+
+
+def _violation(d_ap: Tensor, d_an: Tensor, margin: float) -> Tensor:
+    """(rows, P, M) violations d_ap - d_an + m, -inf wherever a side is padding."""
+    violation = d_ap[:, :, None] - d_an[:, None, :]
+    return violation.add_(margin)
+
+
+def _anchor_blocks(d_ap: Tensor, d_an: Tensor) -> list[slice]:
+    """Anchor slices with at most min(N·M / 2, _BLOCK_ELEMENTS) (anchor, positive, negative) entries."""
+    n, p = d_ap.shape
+    m = d_an.shape[1]
+    budget = min(max(n * m // 2, 1), _BLOCK_ELEMENTS)
+    step = max(1, budget // max(p * m, 1))
+    return [slice(start, start + step) for start in range(0, n, step)]
