@@ -542,7 +542,7 @@ def finetune(
                 optimizer.zero_grad()
                 loss.backward()
                 with torch.no_grad():  # before the step: the head the loss used
-                    logits = head.logits(z.detach()) if head is not None else None
+                    logits = head.last_logits if head is not None else None  # kept by the loss, no matmul
                     monitors.update(step + 1, loss_fn, z.detach(), y, paired=z_hr.detach(), logits=logits)
                 optimizer.step()
                 step += 1

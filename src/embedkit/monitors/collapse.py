@@ -125,7 +125,8 @@ class ClassCollapseMonitor:
     --------
     >>> monitor = ClassCollapseMonitor(num_classes=518)
     >>> for images, labels in loader:                       # doctest: +SKIP
-    ...     monitor.update(head.logits(model(images)), labels)
+    ...     loss = arcface(model(images), labels)
+    ...     monitor.update(arcface.last_logits, labels)    # the loss's own logits, free
     >>> report = monitor.compute()                          # doctest: +SKIP
     >>> report.codes, report.rate("top1_accuracy")          # doctest: +SKIP
     (['class_collapse'], Rate(hits=45, total=25729, chance=0.0019...))
@@ -199,20 +200,27 @@ class ClassCollapseMonitor:
             sampled_sums=zeros(4, dtype=torch.float64),
         )
 
-    def update(self, logits: Tensor, labels: Any) -> None:
+    def update(self, logits: Tensor | None, labels: Any) -> None:
         """Accumulate one batch.
 
         Parameters
         ----------
         logits : Tensor of shape (batch_size, num_classes)
-            Class scores before softmax (any floating dtype; e.g.
-            ``ArcFaceLoss.logits(embeddings)``). Detached; no gradient flows.
+            Class scores before softmax (any floating dtype). From a margin-softmax
+            loss pass its ``last_logits`` after the loss call: the margin-free logits its
+            forward pass computed, at no cost (``loss.logits(embeddings)`` computes them
+            again with a second matmul). Detached; no gradient flows.
         labels : Tensor, ndarray or sequence of int, of shape (batch_size,)
             True classes in ``[0, num_classes)``. Out-of-range labels are counted here
             and raise in :meth:`compute` (checking them here would need a host sync).
             Labels on another device than the logits are copied over, which on a GPU
             waits for it: pass them on the logits' device to keep the update sync-free.
         """
+        if logits is None:
+            raise TypeError(
+                "logits is None: a loss's last_logits is None before its first call and when it "
+                "was built with keep_logits=False; call the loss first (or pass loss.logits(embeddings))"
+            )
         check_embeddings(logits, "logits", check_finite=False)
         if logits.shape[1] != self.num_classes:
             raise ValueError(

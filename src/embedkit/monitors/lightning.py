@@ -16,7 +16,7 @@ Usage::
             embeddings = self.backbone(images)
             loss = self.loss_fn(embeddings, labels)
             return {"loss": loss, "embeddings": embeddings, "labels": labels,
-                    "logits": self.loss_fn.logits(embeddings)}
+                    "logits": self.loss_fn.last_logits}  # kept by the forward: no second matmul
 
     trainer = L.Trainer(callbacks=[MonitorCallback(
         collapse=ClassCollapseMonitor(518), health=EmbeddingHealthMonitor(),
