@@ -9,12 +9,17 @@ The public face of the package. Sub-packages:
 * :mod:`embedkit.evaluation` — k-NN search, retrieval, identification and
   verification metrics reported with counts and chance levels;
 * :mod:`embedkit.monitors` — class-collapse, embedding-health and loss-signal
-  monitors that name failures while training runs.
+  monitors that name failures while training runs;
+* :mod:`embedkit.distributed` — ``torch.distributed`` pieces: losses over every
+  process's embeddings (:class:`GatheredLoss`); with
+  :mod:`embedkit.losses.partial_fc` (class centres sharded) and
+  :mod:`embedkit.evaluation.sharded` (reference shards searched in place).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import evaluation, losses, mining, monitors, samplers, similarity
+from . import distributed, evaluation, losses, mining, monitors, samplers, similarity
+from .distributed import GatheredLoss
 from .evaluation import Gallery, Rate, Report, knn, retrieval_metrics, verification_metrics
 from .losses import (
     ArcFaceLoss,
@@ -27,6 +32,8 @@ from .losses import (
     NormalizedSoftmaxLoss,
     NTXentLoss,
     ProxyAnchorLoss,
+    ShardedArcFaceLoss,
+    ShardedCosFaceLoss,
     SubCenterArcFaceLoss,
     SupConLoss,
     TripletMarginLoss,
@@ -57,6 +64,7 @@ __all__ = [
     "Diagnosis",
     "EmbeddingHealthMonitor",
     "Gallery",
+    "GatheredLoss",
     "Loss",
     "LossMonitor",
     "LossSum",
@@ -68,6 +76,8 @@ __all__ = [
     "ProxyAnchorLoss",
     "Rate",
     "Report",
+    "ShardedArcFaceLoss",
+    "ShardedCosFaceLoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
     "TrainingHistory",
@@ -76,6 +86,7 @@ __all__ = [
     "__version__",
     "build_triplets",
     "count_triplets",
+    "distributed",
     "evaluation",
     "knn",
     "losses",

@@ -8,6 +8,7 @@ from .gallery import Gallery
 from .report import Rate, Report, load_reports
 from .retrieval import retrieval_metrics
 from .search import knn
+from .sharded import sharded_knn, sharded_retrieval_metrics
 from .verification import (
     PairsFile,
     all_pairs_verification,
@@ -41,6 +42,8 @@ __all__ = [
     "retrieval_metrics",
     "roc_auc",
     "roc_curve",
+    "sharded_knn",
+    "sharded_retrieval_metrics",
     "tar_at_far",
     "val_far_at_threshold",
     "verification_metrics",

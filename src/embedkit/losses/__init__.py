@@ -11,6 +11,7 @@ from .contrastive import ContrastiveLoss
 from .infonce import NTXentLoss, SupConLoss
 from .margin_softmax import ArcFaceLoss, CosFaceLoss, NormalizedSoftmaxLoss, SubCenterArcFaceLoss
 from .multi_similarity import MultiSimilarityLoss
+from .partial_fc import ShardedArcFaceLoss, ShardedCosFaceLoss, ShardedMarginSoftmaxLoss
 from .proxy_anchor import ProxyAnchorLoss
 from .triplet import TripletMarginLoss
 
@@ -28,6 +29,9 @@ __all__ = [
     "PairBatch",
     "PairLoss",
     "ProxyAnchorLoss",
+    "ShardedArcFaceLoss",
+    "ShardedCosFaceLoss",
+    "ShardedMarginSoftmaxLoss",
     "SubCenterArcFaceLoss",
     "SupConLoss",
     "TripletMarginLoss",
