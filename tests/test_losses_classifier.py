@@ -247,6 +247,11 @@ def test_compiled_loss_gives_the_eager_value_and_gradient(name: str) -> None:
         torch.testing.assert_close(p.grad, g)
 
 
+# Graph-break counts are documented for the torch this project develops on; older dynamo
+# (torch < 2.4) breaks in more places, while compiled values stay equal (tested above).
+OLD_DYNAMO = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 4)
+
+
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_compute_has_no_graph_break(name: str) -> None:
     # The breaks torch._dynamo.explain finds in loss(x, y) all come from the input checks
@@ -255,6 +260,8 @@ def test_compute_has_no_graph_break(name: str) -> None:
     loss = CLASSIFIERS[name](NUM_CLASSES, DIM)
     x, y = _batch(dtype=torch.float32)
     explanation = torch._dynamo.explain(loss.compute)(x, y)
+    if OLD_DYNAMO:
+        pytest.skip("dynamo before torch 2.4 breaks on `tensor is tensor` and autograd Functions")
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
 
 

@@ -66,20 +66,24 @@ def _full_precision(device: torch.device) -> AbstractContextManager[object]:
     return nullcontext()
 
 
+_AUTOCAST_TAKES_DEVICE = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 4)
+
+
 def _autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type``, on every supported torch (>= 2.1).
 
     ``torch.is_autocast_enabled`` takes a device type only from torch 2.4; before, it
     answered for CUDA alone and the CPU had ``is_autocast_cpu_enabled``.
     """
-    try:
+    # Decided by version, not by catching the TypeError: torch.compile (dynamo) turns an
+    # exception inside a traced call into its own internal error on torch < 2.4.
+    if _AUTOCAST_TAKES_DEVICE:
         return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4
-        if device_type == "cpu":
-            return bool(torch.is_autocast_cpu_enabled())
-        if device_type == "cuda":
-            return bool(torch.is_autocast_enabled())
-        return False
+    if device_type == "cpu":
+        return bool(torch.is_autocast_cpu_enabled())
+    if device_type == "cuda":
+        return bool(torch.is_autocast_enabled())
+    return False
 
 
 def _prepare(x: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor, bool]:
