@@ -11,6 +11,7 @@ the processes); a model wrapped in DDP must end up with the single-process gradi
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable
@@ -43,18 +44,21 @@ SPLITS = {"even": (6, 6), "uneven": (8, 3), "empty": (9, 0)}
 def run_two_processes(
     worker: Callable[..., None], tmp_path: Path, *args: object, timeout: float = 90.0
 ) -> None:
-    """Run ``worker(rank, 2, init_file, out_dir, *args)`` in two forked processes.
+    """Run ``worker(rank, 2, init_file, out_dir, *args)`` in two processes.
 
     A process that raises makes ``join`` raise at once (the other is terminated); a
     process stuck in a collective makes the test fail after ``timeout`` seconds instead
-    of hanging.
+    of hanging. The processes come from a fork server that imported torch and embedkit
+    once: forking the test process itself, whose earlier tests left threads and locks
+    behind, hung now and then in a full run.
     """
+    multiprocessing.set_forkserver_preload(["torch", "embedkit"])  # read when the server starts
     context = torch.multiprocessing.start_processes(
         worker,
         args=(WORLD, str(tmp_path / "init"), str(tmp_path), *args),
         nprocs=WORLD,
         join=False,
-        start_method="fork",
+        start_method="forkserver",
     )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=0.5):

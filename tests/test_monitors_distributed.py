@@ -7,6 +7,7 @@ every batch reports; with ``sync_on_compute=False`` each reports on its own half
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 import time
 from collections.abc import Callable
@@ -35,9 +36,16 @@ def _data() -> tuple[torch.Tensor, ...]:
 
 def _run_two_processes(worker: Callable[..., None], tmp_path: Path, timeout: float = 120.0) -> None:
     """Run ``worker(rank, 2, init_file, out_dir)`` in two processes; fail, not hang, on a deadlock."""
-    # fork: the children reuse the imported torch instead of importing it again.
+    # A fork server that imported torch and embedkit once: the children start fast, and are
+    # not forked from this process, whose earlier tests left threads and locks behind (a
+    # plain fork hung now and then in a full run).
+    multiprocessing.set_forkserver_preload(["torch", "embedkit"])
     context = torch.multiprocessing.start_processes(
-        worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
+        worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path)),
+        nprocs=2,
+        join=False,
+        start_method="forkserver",
     )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1.0):
