@@ -231,16 +231,17 @@ def retrieval_metrics(
     first_hit = sums["first_hit_at"]  # 0-based position of the first relevant result; depth if none
     cmc_hits = np.bincount(np.minimum(first_hit, depth), minlength=depth + 1)[:depth].cumsum()
     p_random = r_eval / available  # chance that one random reference is relevant
-    metrics: dict[str, float | Rate] = {
-        "precision@1": Rate(int(cmc_hits[0]), n_eval, float(p_random.mean())),
-        "r_precision": float(sums["r_precision"] / n_eval),
-        "map@r": float(sums["map_at_r"] / n_eval),
-    }
-    for k in ks:
-        chance = float(hit_chance(r_eval, available, k).mean())
-        metrics[f"recall@{k}"] = Rate(int(cmc_hits[min(k, depth) - 1]), n_eval, chance)
-    for k in ks:
-        metrics[f"precision@{k}"] = Rate(int(sums[f"hits@{k}"]), k * n_eval, float(p_random.mean()))
+    metrics = rank_metrics(
+        ks,
+        depth,
+        n_eval,
+        cmc_hits,
+        hits_at={k: int(sums[f"hits@{k}"]) for k in ks},
+        r_precision=float(sums["r_precision"] / n_eval),
+        map_at_r=float(sums["map_at_r"] / n_eval),
+        p_random=float(p_random.mean()),
+        recall_chance={k: float(hit_chance(r_eval, available, k).mean()) for k in ks},
+    )
     notes = []
     if search_recall is not None:
         metrics["search_recall"] = search_recall[0]
@@ -249,11 +250,7 @@ def retrieval_metrics(
             f"{100 * search_recall[0]:.1f}% of the exact top-{depth} neighbours (search_recall); "
             "every metric above is that of the approximate ranking"
         )
-    if ks[-1] > available:
-        notes.append(
-            f"only {available} references are available per query, fewer than k={ks[-1]}: precision@k still "
-            "divides by k, so it cannot reach 1"
-        )
+    notes += too_few_references_note(ks, available)
     counts = {
         "queries": int(q.shape[0]),
         "references": int(ref.shape[0]),
@@ -286,24 +283,77 @@ def retrieval_metrics(
             progress=progress,
         )
         metrics["map"] = float(ap.mean())
-    if counts["queries_without_relevant"]:
-        lone = classes[np.unique(q_ids[relevant <= 0])]
-        shown = first_few(lone, render=str)
+    notes += closing_notes(
+        counts["queries_without_relevant"],
+        int(q.shape[0]),
+        classes[np.unique(q_ids[relevant <= 0])],
+        float(p_random.mean()),
+        self_mode=self_mode,
+    )
+    return Report(
+        title="retrieval", metrics=metrics, counts=counts, notes=notes, curves={"cmc": cmc_hits / n_eval}
+    )
+
+
+def rank_metrics(
+    ks: tuple[int, ...],
+    depth: int,
+    n_eval: int,
+    cmc_hits: np.ndarray,
+    *,
+    hits_at: dict[int, int],
+    r_precision: float,
+    map_at_r: float,
+    p_random: float,
+    recall_chance: dict[int, float],
+) -> dict[str, float | Rate]:
+    """The metrics of a retrieval report from counts over ``n_eval`` evaluated queries.
+
+    Shared by :func:`retrieval_metrics` and the sharded version, which sums the same counts
+    over processes first. ``cmc_hits[i]``: queries whose first relevant result is within
+    rank ``i + 1``; ``hits_at[k]``: relevant results in every top-k; ``r_precision`` and
+    ``map_at_r`` are means, ``p_random`` the mean chance that one random reference is
+    relevant and ``recall_chance[k]`` the mean chance of a hit in k random draws.
+    """
+    metrics: dict[str, float | Rate] = {
+        "precision@1": Rate(int(cmc_hits[0]), n_eval, p_random),
+        "r_precision": r_precision,
+        "map@r": map_at_r,
+    }
+    for k in ks:
+        metrics[f"recall@{k}"] = Rate(int(cmc_hits[min(k, depth) - 1]), n_eval, recall_chance[k])
+    for k in ks:
+        metrics[f"precision@{k}"] = Rate(hits_at[k], k * n_eval, p_random)
+    return metrics
+
+
+def too_few_references_note(ks: tuple[int, ...], available: int) -> list[str]:
+    """The note that precision@k cannot reach 1 when fewer than k references exist."""
+    if ks[-1] <= available:
+        return []
+    return [
+        f"only {available} references are available per query, fewer than k={ks[-1]}: precision@k still "
+        "divides by k, so it cannot reach 1"
+    ]
+
+
+def closing_notes(
+    without_relevant: int, n_queries: int, lone_labels: np.ndarray, p_random: float, *, self_mode: bool
+) -> list[str]:
+    """The report's last notes: queries left out for want of a relevant reference, and chance."""
+    notes = []
+    if without_relevant:
         notes.append(
-            f"{counts['queries_without_relevant']} of {q.shape[0]} queries have no relevant reference "
-            f"(labels {shown}) and are excluded from every average"
+            f"{without_relevant} of {n_queries} queries have no relevant reference "
+            f"(labels {first_few(lone_labels, render=str)}) and are excluded from every average"
         )
     mode = (
         "each query excluded from its own results"
         if self_mode
         else "queries and references are separate sets"
     )
-    notes.append(
-        f"chance level of r_precision (random ranking) = mean R/n = {float(p_random.mean()):.4g}; {mode}"
-    )
-    return Report(
-        title="retrieval", metrics=metrics, counts=counts, notes=notes, curves={"cmc": cmc_hits / n_eval}
-    )
+    notes.append(f"chance level of r_precision (random ranking) = mean R/n = {p_random:.4g}; {mode}")
+    return notes
 
 
 def _check_image_ids(

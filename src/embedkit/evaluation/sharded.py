@@ -43,8 +43,15 @@ from .. import distributed
 from .._checks import check_bool, check_choice, check_embeddings, check_int, check_ks, check_labels
 from ..monitors._distributed import gather_same_shape, process_count, process_index, sum_across
 from ..similarity import METRICS, Metric
-from .report import Rate, Report
-from .retrieval import _near_duplicate_queries, _neighbour_sums, hit_chance
+from .report import Report
+from .retrieval import (
+    _near_duplicate_queries,
+    _neighbour_sums,
+    closing_notes,
+    hit_chance,
+    rank_metrics,
+    too_few_references_note,
+)
 from .search import Backend, exact_scores, resolve_backend, search_checked
 
 __all__ = ["sharded_knn", "sharded_retrieval_metrics"]
@@ -393,15 +400,17 @@ def sharded_retrieval_metrics(
     cmc_hits = int_sums[2 + len(ks) :].cumsum(0).cpu().numpy()
     r_precision, map_at_r, p_random_sum = (float(v) for v in float_sums[:3])
     chance_at = dict(zip(ks, float_sums[3:].tolist(), strict=True))
-    metrics: dict[str, float | Rate] = {
-        "precision@1": Rate(int(cmc_hits[0]), n_eval, p_random_sum / n_eval),
-        "r_precision": r_precision / n_eval,
-        "map@r": map_at_r / n_eval,
-    }
-    for k in ks:
-        metrics[f"recall@{k}"] = Rate(int(cmc_hits[min(k, depth) - 1]), n_eval, chance_at[k] / n_eval)
-    for k in ks:
-        metrics[f"precision@{k}"] = Rate(int(hits_at[k]), k * n_eval, p_random_sum / n_eval)
+    metrics = rank_metrics(
+        ks,
+        depth,
+        n_eval,
+        cmc_hits,
+        hits_at={k: int(v) for k, v in hits_at.items()},
+        r_precision=r_precision / n_eval,
+        map_at_r=map_at_r / n_eval,
+        p_random=p_random_sum / n_eval,
+        recall_chance={k: chance_at[k] / n_eval for k in ks},
+    )
     n_queries = all_q_ids.size
     report_counts = {
         "queries": int(n_queries),
@@ -413,30 +422,18 @@ def sharded_retrieval_metrics(
         "near_duplicate_queries": near_duplicates,
     }
     notes = [f"sharded over {process_count(group)} processes: queries and references of every process"]
-    if ks[-1] > available:
-        notes.append(
-            f"only {available} references are available per query, fewer than k={ks[-1]}: precision@k still "
-            "divides by k, so it cannot reach 1"
-        )
+    notes += too_few_references_note(ks, available)
     if near_duplicates:
         notes.append(
             f"{near_duplicates} queries have a near-identical reference among their results: probably the "
             "same image on both sides, which measures memorisation, not retrieval"
         )
-    if report_counts["queries_without_relevant"]:
-        lone = classes[np.unique(all_q_ids[all_relevant <= 0])]
-        notes.append(
-            f"{report_counts['queries_without_relevant']} of {n_queries} queries have no relevant reference "
-            f"(labels {', '.join(map(str, lone[:5]))}{', ...' if lone.size > 5 else ''}) and are excluded "
-            "from every average"
-        )
-    mode = (
-        "each query excluded from its own results"
-        if self_mode
-        else "queries and references are separate sets"
-    )
-    notes.append(
-        f"chance level of r_precision (random ranking) = mean R/n = {p_random_sum / n_eval:.4g}; {mode}"
+    notes += closing_notes(
+        report_counts["queries_without_relevant"],
+        int(n_queries),
+        classes[np.unique(all_q_ids[all_relevant <= 0])],
+        p_random_sum / n_eval,
+        self_mode=self_mode,
     )
     return Report(
         title="retrieval",
