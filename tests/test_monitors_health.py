@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedkit.monitors import EmbeddingHealthMonitor
+from embedkit.monitors import health as health_module
 from embedkit.monitors.health import FOLD_EVERY
 from test_monitors_collapse import _no_host_reads
 
@@ -443,6 +444,8 @@ def test_bad_input_is_named() -> None:
 
 
 def test_update_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As on an accelerator: the CPU-only shortcut for all-finite batches reads a flag.
+    monkeypatch.setattr(health_module, "_FREE_FLAG_DEVICES", frozenset())
     monitor = EmbeddingHealthMonitor(sample_size=64)
     z, labels = torch.randn(100, 32), torch.arange(100) % 7
     monitor.update(z, labels, z.flip(0))
@@ -450,6 +453,33 @@ def test_update_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch) 
         for _ in range(FOLD_EVERY + 1):  # through a fold of the pending batches
             monitor.update(z, labels, z.flip(0))
     assert monitor.compute().counts["samples"] == 100 * (FOLD_EVERY + 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_shortcut_for_finite_batches_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    # On CPU an all-finite batch is not copied; the report must equal the copying path's,
+    # and later in-place changes to the caller's tensor must not reach the kept sample.
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(48, 24, generator=gen).to(dtype) for _ in range(FOLD_EVERY + 3)]
+    batches[2][5] = float("nan")
+    labels = torch.arange(48) % 6
+
+    def report(devices: frozenset[str]) -> dict[str, float]:
+        monkeypatch.setattr(health_module, "_FREE_FLAG_DEVICES", devices)
+        monitor = EmbeddingHealthMonitor(sample_size=64)
+        for z in batches:
+            monitor.update(z.clone(), labels)
+            z_mutable = z.clone()
+            monitor.update(z_mutable, labels)
+            z_mutable.fill_(7.0)  # the caller reuses its buffer
+        return dict(monitor.compute())
+
+    shortcut, copying = report(frozenset({"cpu"})), report(frozenset())
+    assert shortcut.keys() == copying.keys()
+    for key, value in copying.items():
+        assert shortcut[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), key
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

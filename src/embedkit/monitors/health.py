@@ -141,6 +141,9 @@ class _HealthState:
     # working dtype fixed by the first batch; folded into `scatter` with the batch means
     # (see _fold).
     pending_scatter: Tensor  # (d, d)
+    # Centred covariance rows not yet in pending_scatter: the product waits until about d
+    # rows are there (see _add_scatter).
+    pending_rows: list[Tensor]
     # (2,) float64: Σ of the batches' within-batch scatter traces, and the rows of the
     # batches with at least two covariance rows (the within-batch variance, see _fold)
     within_batch: Tensor
@@ -286,6 +289,7 @@ class EmbeddingHealthMonitor:
             mean=f64(d),
             scatter=f64(d, d),
             pending_scatter=torch.zeros((d, d), dtype=z.dtype, device=device),
+            pending_rows=[],
             within_batch=f64(2),
             row_sums=f64(4),
             min_norm=f64(fill=math.inf),
@@ -348,7 +352,7 @@ class EmbeddingHealthMonitor:
         dtype = state.pending_scatter.dtype
         z = z.to(dtype)
         with torch.no_grad():
-            z, finite = _zero_non_finite_rows(z)
+            z, finite, copied = _zero_non_finite_rows(z)
             count, mean = self._add_scatter(state, z, finite)
             norms = torch.linalg.vector_norm(z, dim=1)
             inverse_norm = _inverse(norms)
@@ -370,7 +374,9 @@ class EmbeddingHealthMonitor:
                 facts.paired_finite = paired_norm.isfinite()
                 usable = finite & facts.paired_finite
                 facts.paired_cos = torch.linalg.vecdot(z, paired) * inverse_norm * _inverse(paired_norm)
-            self._store_sample(state, z, usable, labels, paired)
+            # z is the caller's tensor unless a dtype conversion or the zeroing copied it.
+            own = copied or z.data_ptr() != embeddings.data_ptr()
+            self._store_sample(state, z, usable, labels, paired, own=own)
         state.seen += b
         self._pending.append(facts)
         if len(self._pending) >= FOLD_EVERY:
@@ -400,18 +406,23 @@ class EmbeddingHealthMonitor:
                 )
 
     def _add_scatter(self, state: _HealthState, z: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
-        """Add the centred scatter of the batch's covariance rows to the pending sum.
+        """Centre the batch's covariance rows; their scatter joins the pending sum later.
 
         Returns their number (finite rows) and mean, which :meth:`_fold` needs to
-        combine the batches (the d×d product is the one part that cannot wait).
+        combine the batches.
         """
         rows = spread_rows(z.shape[0], self.covariance_rows)
         head, weight = z[rows], finite[rows].to(z.dtype)
         count = weight.sum()
         mean = head.sum(dim=0).div_(count.clamp_min(1))
         # head - mean on finite rows, 0 on the zeroed ones: one fused pass.
-        centred = torch.addmm(head, weight[:, None], mean[None, :], alpha=-1)
-        state.pending_scatter.addmm_(centred.T, centred)
+        state.pending_rows.append(torch.addmm(head, weight[:, None], mean[None, :], alpha=-1))
+        # One d x d product per d rows or so, rather than one per batch: with 64 rows the
+        # product reads and writes the whole d x d sum for little work, and in a training
+        # step that sum has left the cache (bench_monitors). Waiting longer would hold
+        # more rows than the sum itself.
+        if sum(r.shape[0] for r in state.pending_rows) >= z.shape[1]:
+            _flush_rows(state)
         return count, mean
 
     def _fold(self) -> None:
@@ -434,6 +445,7 @@ class EmbeddingHealthMonitor:
             )
             means = torch.cat([state.mean[None], torch.stack([b.covariance_mean for b in batches]).double()])
             total, mean, deviations = _pool(counts, means)
+            _flush_rows(state)
             # Before the between-batch terms join: the spread inside the batches alone.
             rows = counts[1:] * (counts[1:] >= 2)
             within = torch.stack([state.pending_scatter.diagonal().sum().double(), rows.sum()])
@@ -463,19 +475,26 @@ class EmbeddingHealthMonitor:
                 state.paired_sums += paired.double().sum(dim=1)
 
     def _store_sample(
-        self, state: _HealthState, z: Tensor, usable: Tensor, labels: Tensor | None, paired: Tensor | None
+        self,
+        state: _HealthState,
+        z: Tensor,
+        usable: Tensor,
+        labels: Tensor | None,
+        paired: Tensor | None,
+        *,
+        own: bool,
     ) -> None:
         """Keep the batch's last rows for the pair statistics.
 
-        ``z`` is this monitor's own (zeroed) copy and is kept by reference, unless the batch
-        is larger than the sample (a view would keep the whole batch alive); the labels and
-        paired rows are the caller's and are copied.
+        ``z`` is kept by reference when it is this monitor's ``own`` (zeroed) copy, unless
+        the batch is larger than the sample (a view would keep the whole batch alive);
+        the caller's tensors (z otherwise, the labels and paired rows) are copied.
         """
         start = max(z.shape[0] - self.sample_size, 0)
         rows = slice(start, None)
         state.recent.append(
             _RecentRows(
-                z[rows].clone() if start else z,
+                z[rows].clone() if start or not own else z,
                 usable[rows],
                 None if labels is None else labels[rows].clone(),
                 None if paired is None else paired[rows].clone(),
@@ -738,14 +757,33 @@ class EmbeddingHealthMonitor:
         return out
 
 
-def _zero_non_finite_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """A copy of x with NaN/inf rows set to zero, and which rows were finite (no host sync)."""
+#: Devices whose results the host reads without waiting: update() may branch on them.
+_FREE_FLAG_DEVICES = frozenset({"cpu"})
+
+
+def _zero_non_finite_rows(x: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """x with NaN/inf rows set to zero, which rows were finite, and whether x was copied.
+
+    No host sync on an accelerator, where the result is always a copy. On CPU, where
+    reading a flag costs nothing, a batch without bad rows is returned as it is (the
+    copy is a tenth of the update's time at batch 1,024, d = 512).
+    """
     # A row holds NaN/inf exactly when its sum does (or when the sum overflows, which
     # needs values near 1e35): one reduction instead of an element-wise isfinite.
     finite = torch.isfinite(x.sum(dim=1))
+    if x.device.type in _FREE_FLAG_DEVICES and bool(finite.all()):
+        return x, finite, False
     # Weight 0 turns a bad row into zeros and NaNs (0 * inf), which nan_to_num_ zeroes;
     # finite rows hold no NaN/inf to change. Three times cheaper on CPU than torch.where.
-    return (x * finite[:, None].to(x.dtype)).nan_to_num_(nan=0.0), finite
+    return (x * finite[:, None].to(x.dtype)).nan_to_num_(nan=0.0), finite, True
+
+
+def _flush_rows(state: _HealthState) -> None:
+    """Add the scatter of the waiting centred rows to ``pending_scatter``, in one product."""
+    if state.pending_rows:
+        rows = torch.cat(state.pending_rows) if len(state.pending_rows) > 1 else state.pending_rows[0]
+        state.pending_scatter.addmm_(rows.T, rows)
+        state.pending_rows.clear()
 
 
 def _pool(counts: Tensor, means: Tensor) -> tuple[Tensor, Tensor, Tensor]:
