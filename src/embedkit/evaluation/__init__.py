@@ -8,7 +8,7 @@ from .gallery import Gallery
 from .report import Rate, Report, load_reports
 from .retrieval import retrieval_metrics
 from .search import knn
-from .sharded import sharded_knn, sharded_retrieval_metrics
+from .sharded import ShardedGallery, sharded_knn, sharded_retrieval_metrics
 from .verification import (
     PairsFile,
     all_pairs_verification,
@@ -30,6 +30,7 @@ __all__ = [
     "PairsFile",
     "Rate",
     "Report",
+    "ShardedGallery",
     "all_pairs_verification",
     "best_threshold_accuracy",
     "equal_error_rate",

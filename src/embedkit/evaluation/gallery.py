@@ -102,6 +102,22 @@ class _Scan:
     nearest_ratio: np.ndarray
 
 
+@dataclass(frozen=True)
+class _ProbeSetup:
+    """Validated probes of one evaluation, pooled into templates when asked."""
+
+    probes: Tensor  # (n_probes, d) probes or probe templates
+    identity: np.ndarray  # (n_probes,) enrolled identity of each; -1 when not enrolled
+    mated: np.ndarray  # (n_probes,) identity >= 0
+    n_rows: int  # probe rows given (before pooling)
+    pooled: bool  # probe templates were formed
+    notes: list[str]
+    ranks: tuple[int, ...]
+    fpir_targets: Sequence[float]
+    identification: bool
+    open_set: bool
+
+
 class Gallery:
     """An enrolled gallery of identities to identify and verify probes against.
 
@@ -477,12 +493,72 @@ class Gallery:
             raise ValueError("the gallery is empty; call enrol(embeddings, labels) first")
         p = as_embeddings(probes, "probes")
         check_matching_dim(p, self._entries, "probes", "gallery embeddings")
+        setup = self._probe_setup(
+            p,
+            labels,
+            ranks=ranks,
+            fpir_targets=fpir_targets,
+            image_ids=image_ids,
+            template_ids=template_ids,
+            identification=identification,
+            open_set=open_set,
+            device=self._entries.device,
+        )
+        p = setup.probes
+        scan = self._scan(p, setup.identity, progress=progress)
+        nearest_ratio = scan.nearest_ratio
+        if self._images is not None:  # mean templates: compare with the enrolled images themselves
+            nearest_ratio = self._nearest_image_ratio(p.to(self._images.device))
+        counts, notes = self._counts_and_notes(
+            setup, nearest_ratio, ids_checked=image_ids is not None and self._image_ids is not None
+        )
+        reports = self._reports(setup, scan, counts, notes)
+        if verification:
+            # Exact, in bounded memory: never a probes x entries matrix (see all_pairs_verification).
+            base = _all_pairs_report(
+                p,
+                setup.identity,
+                self._entries,
+                self._entry_identity,
+                metric=self.metric,
+                far_targets=far_targets,
+                chunk_size=self.chunk_size,
+                progress=progress,
+            )
+            reports["verification"] = Report(
+                title=(
+                    f"verification (probe {'template' if template_ids is not None else 'image'} vs gallery "
+                    f"{'template' if self.template == 'mean' else 'image'})"
+                ),
+                metrics=base.metrics,
+                counts={**base.counts, **counts},
+                notes=[*base.notes, *notes],
+                curves=base.curves,
+            )
+        return reports
+
+    # -- the steps of evaluate, shared with the sharded gallery -------------------------------------
+
+    def _probe_setup(
+        self,
+        p: Tensor,
+        labels: Any,
+        *,
+        ranks: Sequence[int],
+        fpir_targets: Sequence[float],
+        image_ids: Any,
+        template_ids: Any,
+        identification: bool,
+        open_set: bool | None,
+        device: torch.device,
+    ) -> _ProbeSetup:
+        """Validate the probes' labels, ids and options; pool probe templates (on ``device``)."""
         n_rows = p.shape[0]
         probe_code, classes, probe_identity = self._probe_identity(labels, n_rows)
         ranks = check_ks(ranks, "ranks")
         if image_ids is not None:
             self._check_disjoint(as_image_ids(image_ids, n_rows, rows_name="probes"))
-        p = p.to(self._entries.device)
+        p = p.to(device)
         notes = []
         if template_ids is not None:
             p, probe_identity = self._pool_probe_templates(
@@ -509,21 +585,35 @@ class Gallery:
                     f"open-set identification needs mated and non-mated probes; got {n_mated} mated and "
                     f"{n_non_mated} non-mated (a probe is non-mated when its label is not enrolled)"
                 )
-        scan = self._scan(p, probe_identity, progress=progress)
+        return _ProbeSetup(
+            probes=p,
+            identity=probe_identity,
+            mated=mated,
+            n_rows=n_rows,
+            pooled=template_ids is not None,
+            notes=notes,
+            ranks=ranks,
+            fpir_targets=fpir_targets,
+            identification=bool(identification),
+            open_set=bool(open_set),
+        )
 
+    def _counts_and_notes(
+        self, setup: _ProbeSetup, nearest_ratio: np.ndarray, *, ids_checked: bool
+    ) -> tuple[dict[str, int], list[str]]:
+        """The counts of every report, and the notes on near-duplicate and unchecked probes."""
+        n_probes = int(setup.probes.shape[0])
         counts = {
-            "probes": int(p.shape[0]),
-            "mated_probes": n_mated,
-            "non_mated_probes": n_non_mated,
+            "probes": n_probes,
+            "mated_probes": int(setup.mated.sum()),
+            "non_mated_probes": int((~setup.mated).sum()),
             "identities": self.num_identities,
             "gallery_entries": self.num_entries,
         }
-        if template_ids is not None:
-            counts["probe_rows"] = n_rows
-            counts["probe_templates"] = int(p.shape[0])
-        nearest_ratio = scan.nearest_ratio
-        if self._images is not None:  # mean templates: compare with the enrolled images themselves
-            nearest_ratio = self._nearest_image_ratio(p.to(self._images.device))
+        if setup.pooled:
+            counts["probe_rows"] = setup.n_rows
+            counts["probe_templates"] = n_probes
+        notes = list(setup.notes)
         near = int((nearest_ratio <= _NEAR_DUPLICATE_DISTANCE**2).sum())
         counts["near_duplicate_probes"] = near
         if near:
@@ -536,39 +626,29 @@ class Gallery:
                 f"{near} probes have an enrolled image with {closeness}: probably the same image enrolled "
                 "and probed, which measures memorisation, not recognition (pass image_ids to find them)"
             )
-        if image_ids is None or self._image_ids is None:
+        if not ids_checked:
             notes.append(
                 "image ids not given for both sides: disjointness of gallery and probe images unchecked"
             )
+        return counts, notes
 
+    def _reports(
+        self, setup: _ProbeSetup, scan: _Scan, counts: dict[str, int], notes: list[str]
+    ) -> dict[str, Report]:
+        """The identification and open-set reports asked for, from one scan."""
         reports: dict[str, Report] = {}
-        if identification:
-            reports["identification"] = self._identification_report(scan, mated, ranks, counts, notes)
-        if open_set:
-            reports["open_set"] = self._open_set_report(scan, mated, fpir_targets, counts, notes)
-        if verification:
-            # Exact, in bounded memory: never a probes x entries matrix (see all_pairs_verification).
-            base = _all_pairs_report(
-                p,
-                probe_identity,
-                self._entries,
-                self._entry_identity,
-                metric=self.metric,
-                far_targets=far_targets,
-                chunk_size=self.chunk_size,
-                progress=progress,
+        if setup.identification:
+            reports["identification"] = self._identification_report(
+                scan, setup.mated, setup.ranks, counts, notes
             )
-            reports["verification"] = Report(
-                title=(
-                    f"verification (probe {'template' if template_ids is not None else 'image'} vs gallery "
-                    f"{'template' if self.template == 'mean' else 'image'})"
-                ),
-                metrics=base.metrics,
-                counts={**base.counts, **counts},
-                notes=[*base.notes, *notes],
-                curves=base.curves,
-            )
+        if setup.open_set:
+            reports["open_set"] = self._open_set_report(scan, setup.mated, setup.fpir_targets, counts, notes)
         return reports
+
+    def _score_dtype(self) -> np.dtype:
+        """The numpy dtype the identity scores are computed in (that of the entries)."""
+        assert self._entries is not None
+        return to_numpy(self._entries[:0]).dtype
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -699,11 +779,7 @@ class Gallery:
         In metric space (probes L2-normalised for cosine); one exact k=1 search of the images.
         """
         assert self._images is not None
-        q = l2_normalize(probes.to(self._images.dtype)) if self.metric == "cosine" else probes
-        q = q.to(self._images.dtype)
-        scores, _ = search_checked(q, self._images, 1, metric="squared_euclidean")
-        distance_sq = -(to_numpy(scores) if isinstance(scores, Tensor) else scores)[:, 0].astype(np.float64)
-        return _relative(distance_sq, to_numpy(q.double().pow(2).sum(dim=1)))
+        return _nearest_image_ratio(self._images, probes, self.metric)
 
     def _scan(self, probes: Tensor, probe_identity: np.ndarray, *, progress: bool) -> _Scan:
         """Every probe against every entry, one block of probes at a time.
@@ -854,21 +930,29 @@ class Gallery:
         :func:`exact_scores` over its images (or its template): one fixed elementwise formula,
         so exact duplicates always tie. Rows without a window count 0.
         """
+        identity_score = self._exact_identity_scores(probes, start + where, column)
+        is_true = column == true_column[where]
+        true_score = np.full(n_rows, np.nan)
+        true_score[where[is_true]] = identity_score[is_true]
+        at_least = identity_score >= true_score[where]
+        return np.bincount(where, weights=at_least, minlength=n_rows).astype(np.int64)
+
+    def _exact_identity_scores(self, probes: Tensor, probe_row: np.ndarray, column: np.ndarray) -> np.ndarray:
+        """The exact score of each pair (``probes[probe_row]``, identity column ``column``), float64.
+
+        The best :func:`exact_scores` over the identity's images (or its template).
+        """
         assert self._entries is not None
+        if column.size == 0:
+            return np.empty(0)
         images = self._column_images[column]
         first_image = np.cumsum(images) - images
         slot = np.arange(int(images.sum())) - np.repeat(first_image, images)
         entry = np.repeat(self._column_first[column], images) + slot * np.repeat(
             self._column_stride[column], images
         )
-        probe_row = np.repeat(start + where, images)
-        value = exact_scores(probes, self._entries, probe_row, entry, metric=self.metric)
-        identity_score = np.maximum.reduceat(value, first_image)
-        is_true = column == true_column[where]
-        true_score = np.full(n_rows, np.nan)
-        true_score[where[is_true]] = identity_score[is_true]
-        at_least = identity_score >= true_score[where]
-        return np.bincount(where, weights=at_least, minlength=n_rows).astype(np.int64)
+        value = exact_scores(probes, self._entries, np.repeat(probe_row, images), entry, metric=self.metric)
+        return np.maximum.reduceat(value, first_image)
 
     def _nearest_from_block(
         self, block: Tensor, top: Tensor, entry_sq: Tensor | None, probe_sq: np.ndarray | None
@@ -974,8 +1058,7 @@ class Gallery:
         above = np.searchsorted(observed, s, side="right")
         if above < observed.size:
             return float(observed[above])
-        assert self._entries is not None
-        dtype = to_numpy(self._entries[:0]).dtype
+        dtype = self._score_dtype()
         return float(np.nextafter(dtype.type(s), dtype.type(np.inf)))
 
 
@@ -996,6 +1079,18 @@ def _group_means(rows: Tensor, group: np.ndarray, n_groups: int) -> Tensor:
     sums.index_add_(0, index, rows)
     counts = torch.bincount(index, minlength=n_groups).to(rows.dtype)
     return sums / counts[:, None]
+
+
+def _nearest_image_ratio(images: Tensor, probes: Tensor, metric: Metric) -> np.ndarray:
+    """Squared distance from each probe to its nearest row of ``images``, over its squared norm.
+
+    ``images`` are in metric space (L2-normalised for cosine); the probes are normalised here.
+    """
+    q = l2_normalize(probes.to(images.dtype)) if metric == "cosine" else probes
+    q = q.to(images.dtype)
+    scores, _ = search_checked(q, images, 1, metric="squared_euclidean")
+    distance_sq = -(to_numpy(scores) if isinstance(scores, Tensor) else scores)[:, 0].astype(np.float64)
+    return _relative(distance_sq, to_numpy(q.double().pow(2).sum(dim=1)))
 
 
 def _relative(distance_sq: np.ndarray, norm_sq: np.ndarray) -> np.ndarray:

@@ -27,10 +27,16 @@ against itself, each row excluded from its own results with ``exclude_self=True`
 :func:`sharded_retrieval_metrics` evaluates *every* process's queries and returns the same
 report on every process: the report :func:`~embedkit.evaluation.retrieval_metrics` gives for
 the concatenated queries and references.
+
+:class:`ShardedGallery` is the same for gallery-probe identification: a
+:class:`~embedkit.evaluation.Gallery` enrolled shard by shard, whose reports are those of one
+``Gallery`` holding every shard and every process's probes (see its notes for what is
+communicated per probe).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,8 +47,11 @@ from torch import Tensor
 # which import this package; its names are read at call time.
 from .. import distributed
 from .._checks import check_bool, check_choice, check_embeddings, check_int, check_ks, check_labels
-from ..monitors._distributed import gather_same_shape, process_count, process_index, sum_across
-from ..similarity import METRICS, Metric
+from ..labels import encode_labels
+from ..monitors._distributed import gather_same_shape, max_across, process_count, process_index, sum_across
+from ..similarity import METRICS, Metric, l2_normalize, working_dtype
+from ._inputs import as_image_ids, progress_bar, repeated_ids, to_numpy
+from .gallery import Gallery, Template, _nearest_image_ratio, _Scan
 from .report import Report
 from .retrieval import (
     _near_duplicate_queries,
@@ -52,9 +61,9 @@ from .retrieval import (
     rank_metrics,
     too_few_references_note,
 )
-from .search import Backend, exact_scores, resolve_backend, search_checked
+from .search import Backend, exact_scores, resolve_backend, score_tolerance, search_checked
 
-__all__ = ["sharded_knn", "sharded_retrieval_metrics"]
+__all__ = ["ShardedGallery", "sharded_knn", "sharded_retrieval_metrics"]
 
 EXACT_BACKENDS = ("auto", "faiss", "torch")
 
@@ -442,3 +451,527 @@ def sharded_retrieval_metrics(
         notes=notes,
         curves={"cmc": cmc_hits / n_eval},
     )
+
+
+# -- sharded gallery-probe identification ------------------------------------------------------------
+
+
+def _exchange(local: dict[str, Any], error: Exception | None, group: Any) -> list[dict[str, Any]]:
+    """Every process's ``local`` (one ``all_gather_object``), or the same error raised on all of them.
+
+    Arguments are checked on each process before anything else is exchanged; a process whose
+    check failed sends its error instead of stopping, so that no process is left waiting in
+    a collective, and every process raises it (naming the process).
+    """
+    world = process_count(group)
+    if world == 1:
+        if error is not None:
+            raise error
+        return [local]
+    payload = {**local, "error": None if error is None else (type(error).__name__, str(error))}
+    everyone: list[Any] = [None] * world
+    torch.distributed.all_gather_object(everyone, payload, group=group)
+    failed = [(rank, e["error"]) for rank, e in enumerate(everyone) if e["error"] is not None]
+    if failed:
+        rank, (kind, message) = failed[0]
+        others = f" (and {len(failed) - 1} other process(es))" if len(failed) > 1 else ""
+        raise (TypeError if kind == "TypeError" else ValueError)(f"process {rank}{others}: {message}")
+    return everyone
+
+
+def _same_everywhere(everyone: list[dict[str, Any]], key: str, what: str) -> None:
+    """Raise (alike on every process) unless every process sent the same ``key``."""
+    values = [e[key] for e in everyone]
+    if any(v != values[0] for v in values[1:]):
+        shown = ", ".join(f"process {rank}: {v}" for rank, v in enumerate(values))
+        raise ValueError(f"every process must pass the same {what}; got {shown}")
+
+
+def _all_or_none(everyone: list[dict[str, Any]], key: str, name: str) -> bool:
+    """Whether every process gave ``name``; raise (alike everywhere) when only some did."""
+    given = [e[key] is not None for e in everyone]
+    if any(given) and not all(given):
+        shown = ", ".join(str(rank) for rank, g in enumerate(given) if g)
+        raise ValueError(f"{name} were given on process(es) {shown} only; pass them on every process or none")
+    return all(given)
+
+
+def _local_values(values: Any, n_rows: int, name: str, rows_name: str) -> np.ndarray:
+    """Labels or template ids of any hashable type, checked (one per row) and returned as an array."""
+    codes, classes = encode_labels(values, name, allow_empty=True)
+    if codes.shape[0] != n_rows:
+        raise ValueError(
+            f"{name} has {codes.shape[0]} entries but {rows_name} has {n_rows} rows; expected one per row"
+        )
+    return classes[codes]
+
+
+def _concatenated(parts: list[np.ndarray]) -> np.ndarray:
+    """The processes' labels or ids in rank order, their types kept (as ``encode_label_sets`` does)."""
+    kinds = {p.dtype.kind for p in parts if p.size}
+    if kinds <= set("iu") or kinds <= set("US"):
+        return np.concatenate([p for p in parts if p.size] or parts[:1])
+    return np.concatenate([p.astype(object) for p in parts])
+
+
+def _float_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.replace("torch.", ""))
+    assert isinstance(dtype, torch.dtype)
+    return dtype
+
+
+class ShardedGallery(Gallery):
+    """A :class:`~embedkit.evaluation.Gallery` whose images are spread over the processes. Collectives.
+
+    Each process enrols its own shard of the gallery images and passes its own share of the
+    probes (rows in rank order make the whole gallery and the whole probe set, as for
+    :func:`sharded_retrieval_metrics`); :meth:`identify`, :meth:`dir_at_fpir` and
+    :meth:`evaluate` then return, on every process, the report of a single
+    :class:`~embedkit.evaluation.Gallery` that enrolled the concatenated shards and was given
+    the concatenated probes. It is a ``Gallery`` with the same methods and arguments, so code
+    written for one process runs sharded by changing the constructor; every method is a
+    collective (every process calls it, with the same options). :meth:`verify` is not
+    available: its exact thresholds sort every probe × gallery score.
+
+    An identity's images may lie on several processes. With ``template="none"`` its score
+    is the best over its images, a maximum that is combined exactly across processes; with
+    ``template="mean"`` its template is summed along the processes in rank order (the
+    summation order of one process) and kept by the last process holding its images.
+
+    Parameters
+    ----------
+    metric : {"cosine", "dot", "euclidean", "squared_euclidean"}
+        As for :class:`~embedkit.evaluation.Gallery`.
+    chunk_size : int, optional
+        Probes per block of scores on each process (default: a 128 MiB block).
+    process_group : optional
+        The ``torch.distributed`` group (default: all processes). Outside
+        ``torch.distributed`` this is a ``Gallery`` without :meth:`verify`.
+
+    Notes
+    -----
+    Each process scores *every* probe against its shard, block by block, and keeps per probe
+    the numbers the ranks need; then (``P`` processes, ``d``-dimensional probes):
+
+    1. the probes are all-gathered (``d`` values per probe), with their labels, image ids
+       and template ids;
+    2. the exact score of each probe's true identity
+       (:func:`~embedkit.evaluation.search.exact_scores`, the best over the identity's
+       images on every process) is reduced with a maximum: 8 bytes per probe;
+    3. each process counts its identities scoring at least that much — surely above it
+       from the block scores, by exact scores within rounding of it, Gallery's tie rule —
+       and finds its best exact score; one maximum (best score, nearest-image closeness:
+       16 bytes per probe) and one sum (the count: 8 bytes per probe) combine them. The
+       identities whose images lie on several processes are counted once: a flag per
+       (probe, such identity) is reduced with a maximum, 1 byte each.
+
+    So ranks (rank-k, CMC) and the tie rule are exactly those of one process: exact
+    duplicates enrolled under different identities tie wherever they lie. The scores the
+    reports quote (``mean_genuine_score``, the open-set thresholds) are the exact pair-by-pair
+    scores, which may differ from a single ``Gallery``'s matrix-product scores in the last
+    place; so may a DIR or FPIR count when a probe's score lies within that rounding of a
+    threshold. Enrolment gathers the labels (and image ids) of every image; with
+    ``template="mean"``, the identities split between processes cost ``P - 1`` broadcasts
+    of their partial sums (``d`` values each).
+
+    Examples
+    --------
+    >>> gallery = ShardedGallery().enrol(my_gallery_rows, my_gallery_labels)   # on every process
+    >>> report = gallery.identify(my_probe_rows, my_probe_labels)            # the same everywhere
+    """
+
+    def __init__(
+        self, *, metric: Metric = "cosine", chunk_size: int | None = None, process_group: Any = None
+    ) -> None:
+        super().__init__(metric=metric, chunk_size=chunk_size)
+        self.process_group = process_group
+        self._shard: Gallery | None = None  # this process's identities (None: it holds none)
+        self._shard_images: Tensor | None = None  # mean templates: this process's images, metric space
+        self._enrolled_labels: np.ndarray | None = None
+        self._total_entries = 0
+        self._split = np.empty(0, dtype=np.int64)  # identities with images on several processes
+        self._dim = 0
+        self._dtype = torch.float32
+        self._device = torch.device("cpu")
+
+    def __repr__(self) -> str:
+        if self._enrolled_labels is None:
+            return f"ShardedGallery(metric={self.metric!r}, empty)"
+        return (
+            f"ShardedGallery(metric={self.metric!r}, template={self.template!r}, "
+            f"identities={self.num_identities}, entries={self.num_entries}, dim={self._dim}, "
+            f"processes={process_count(self.process_group)}, "
+            f"entries here={0 if self._shard is None else self._shard.num_entries})"
+        )
+
+    @property
+    def num_entries(self) -> int:
+        """Number of gallery entries over every process: images (``template="none"``) or templates."""
+        return self._total_entries
+
+    @property
+    def labels(self) -> np.ndarray:
+        """The identity label of each gallery entry over every process, as :attr:`Gallery.labels`.
+
+        ``template="none"``: the concatenated shards' labels in rank and enrolment order.
+        """
+        if self._enrolled_labels is None:
+            return np.empty(0, dtype=np.int64)
+        return self.identities.copy() if self.template == "mean" else self._enrolled_labels.copy()
+
+    def enrol(
+        self, embeddings: Any, labels: Any, *, template: Template = "none", image_ids: Any = None
+    ) -> ShardedGallery:
+        """Enrol this process's shard of the gallery, replacing any earlier enrolment. A collective.
+
+        Parameters
+        ----------
+        embeddings : ndarray or Tensor of shape (n_shard, d)
+            This process's gallery images (shards may differ in size, even be empty); the same
+            ``d`` and dtype on every process.
+        labels : array-like of shape (n_shard,)
+            Identity of each image, as for :meth:`Gallery.enrol`; an identity may have images
+            on several processes.
+        template : {"none", "mean"}
+            As for :meth:`Gallery.enrol`; the same on every process.
+        image_ids : sequence of shape (n_shard,), optional
+            As for :meth:`Gallery.enrol` (unique over every process); on every process or none.
+
+        Returns
+        -------
+        ShardedGallery
+            ``self``.
+        """
+        group = self.process_group
+        local: dict[str, Any] = {"metric": self.metric, "template": template}
+        error: Exception | None = None
+        try:
+            emb = _as_rows(embeddings, "embeddings")
+            values = _local_values(labels, emb.shape[0], "labels", "embeddings")
+            template = check_choice(template, "template", ("none", "mean"))  # type: ignore[assignment]
+            ids = None if image_ids is None else as_image_ids(image_ids, emb.shape[0], rows_name="embeddings")
+            emb = emb.to(working_dtype(emb.dtype))
+            local.update(
+                rows=emb.shape[0],
+                dim=emb.shape[1],
+                dtype=str(emb.dtype),
+                labels=values,
+                ids=ids,
+                template=template,
+            )
+        except (TypeError, ValueError) as caught:
+            error = caught
+        everyone = _exchange(local, error, group)
+        _same_everywhere(everyone, "metric", "metric")
+        _same_everywhere(everyone, "template", "template")
+        _same_everywhere(everyone, "dim", "embedding dimension")
+        _same_everywhere(everyone, "dtype", "embedding dtype")
+        rows = [int(e["rows"]) for e in everyone]
+        if sum(rows) == 0:
+            raise ValueError("every process's shard of the gallery is empty; enrol at least one image")
+        all_labels = _concatenated([e["labels"] for e in everyone])
+        codes, identities = encode_labels(all_labels, "labels")
+        ids_all = None
+        if _all_or_none(everyone, "ids", "image_ids"):
+            ids_all = _concatenated([e["ids"] for e in everyone])
+            repeats = repeated_ids(ids_all)
+            if repeats:
+                raise ValueError(f"image_ids must be unique within the gallery; {repeats[:5]} repeat")
+        rank = process_index(group)
+        start = sum(rows[:rank])
+        mine = codes[start : start + rows[rank]]
+        # Identities with images on several processes.
+        holders = np.zeros(identities.size, dtype=np.int64)
+        last_holder = np.zeros(identities.size, dtype=np.int64)
+        for r, begin in enumerate(np.cumsum([0, *rows[:-1]])):
+            held = np.unique(codes[begin : begin + rows[r]])
+            holders[held] += 1
+            last_holder[held] = r
+        split = np.flatnonzero(holders > 1)
+        self._shard, self._shard_images = None, None
+        if template == "mean":
+            self._enrol_means(emb, mine, codes, split, last_holder)
+            split = np.empty(0, dtype=np.int64)  # each template lies on one process
+        elif emb.shape[0]:
+            self._shard = Gallery(metric=self.metric, chunk_size=self.chunk_size).enrol(emb, mine)
+        self.template = template
+        self.identities = identities
+        self._image_ids = ids_all
+        self._enrolled_labels = all_labels
+        self._total_entries = identities.size if template == "mean" else int(sum(rows))
+        self._split = split
+        self._dim, self._dtype, self._device = int(emb.shape[1]), emb.dtype, emb.device
+        return self
+
+    def _enrol_means(
+        self, emb: Tensor, mine: np.ndarray, codes: np.ndarray, split: np.ndarray, last_holder: np.ndarray
+    ) -> None:
+        """Mean templates, each kept by the last process holding its images.
+
+        Sums run along the processes in rank order, every process adding its rows to the sums
+        it received (``index_add_``, row by row as :class:`Gallery` sums them), then dividing
+        by the identity's image count over every process: the template of one process.
+        """
+        group = self.process_group
+        rank, world = process_index(group), process_count(group)
+        if self.metric == "cosine":
+            emb = l2_normalize(emb)
+        held = np.unique(mine)
+        sums = torch.zeros(held.size, emb.shape[1], dtype=emb.dtype, device=emb.device)
+        index = torch.from_numpy(np.searchsorted(held, mine)).to(emb.device)
+        carried = torch.zeros(split.size, emb.shape[1], dtype=emb.dtype, device=emb.device)
+        at = np.searchsorted(split, held)
+        is_split = np.zeros(held.size, dtype=bool)
+        if split.size:
+            is_split = split[np.minimum(at, split.size - 1)] == held
+        for r in range(world):
+            if r == rank:
+                local_split = torch.from_numpy(np.flatnonzero(is_split)).to(emb.device)
+                carried_rows = torch.from_numpy(at[is_split]).to(emb.device)
+                sums[local_split] = carried[carried_rows]
+                sums.index_add_(0, index, emb)
+                carried[carried_rows] = sums[local_split]
+            if split.size and r < world - 1:
+                source = r if group is None else torch.distributed.get_global_rank(group, r)
+                torch.distributed.broadcast(carried, src=source, group=group)
+        counts = torch.from_numpy(np.bincount(codes, minlength=int(codes.max()) + 1)[held]).to(emb.device)
+        owned = np.flatnonzero(last_holder[held] == rank)
+        if emb.shape[0]:
+            self._shard_images = emb
+        if owned.size:
+            owned_t = torch.from_numpy(owned).to(emb.device)
+            means = sums[owned_t] / counts[owned_t].to(emb.dtype)[:, None]
+            self._shard = Gallery(metric=self.metric, chunk_size=self.chunk_size).enrol(means, held[owned])
+
+    def verify(self, *args: Any, **kwargs: Any) -> Report:
+        """Not available on a sharded gallery: exact verification thresholds sort every score."""
+        raise NotImplementedError(
+            "ShardedGallery does not verify: exact thresholds need every probe x gallery score in one "
+            "place; use Gallery.verify, or all_pairs_verification on the pairs"
+        )
+
+    def evaluate(
+        self,
+        probes: Any,
+        labels: Any,
+        *,
+        ranks: Sequence[int] = (1, 5, 10),
+        fpir_targets: Sequence[float] = (0.001, 0.01, 0.1),
+        far_targets: Sequence[float] = (1e-4, 1e-3, 1e-2),
+        image_ids: Any = None,
+        template_ids: Any = None,
+        identification: bool = True,
+        open_set: bool | None = None,
+        verification: bool = False,
+        progress: bool = False,
+    ) -> dict[str, Report]:
+        """:meth:`Gallery.evaluate` over every process's probes and shards. A collective.
+
+        Parameters
+        ----------
+        probes : ndarray or Tensor of shape (n_probes, d)
+            This process's probes (processes may hold different numbers, even none): the
+            probes are those of every process, in rank order.
+        labels, image_ids, template_ids : array-like of shape (n_probes,)
+            This process's share, as in :meth:`Gallery.identify` (ids on every process or
+            none; a probe template's rows may lie on several processes).
+        ranks, fpir_targets, identification, open_set, progress
+            As in :meth:`Gallery.evaluate`; the same on every process.
+        far_targets, verification
+            Verification is not available (``verification=True`` raises).
+
+        Returns
+        -------
+        dict of str to Report
+            ``"identification"`` and ``"open_set"``, those computed: the same on every process.
+        """
+        group = self.process_group
+        local: dict[str, Any] = {}
+        error: Exception | None = None
+        try:
+            if self._enrolled_labels is None:
+                raise ValueError("the gallery is empty; call enrol(embeddings, labels) first")
+            if verification:
+                raise ValueError(
+                    "verification=True is not available on a ShardedGallery: exact thresholds need every "
+                    "probe x gallery score in one place"
+                )
+            p = _as_rows(probes, "probes")
+            if p.shape[1] != self._dim:
+                raise ValueError(
+                    f"probes have dimension {p.shape[1]} but the gallery embeddings have {self._dim}"
+                )
+            n = p.shape[0]
+            local.update(
+                rows=n,
+                dtype=str(p.dtype),
+                labels=_local_values(labels, n, "labels", "probes"),
+                ids=None if image_ids is None else as_image_ids(image_ids, n, rows_name="probes"),
+                templates=None
+                if template_ids is None
+                else _local_values(template_ids, n, "template_ids", "probes"),
+                options=(
+                    check_ks(ranks, "ranks"),
+                    repr(fpir_targets),
+                    bool(identification),
+                    open_set,
+                ),
+            )
+        except (TypeError, ValueError) as caught:
+            error = caught
+        everyone = _exchange(local, error, group)
+        _same_everywhere(everyone, "options", "ranks, fpir_targets, identification and open_set")
+        _same_everywhere(everyone, "dtype", "probe dtype")
+        rows = [int(e["rows"]) for e in everyone]
+        if sum(rows) == 0:
+            raise ValueError("no process passed probes; expected at least one probe row")
+        p = p.to(self._device)
+        all_probes = distributed._padded_gather(p, rows, group) if len(rows) > 1 else p
+        ids_given = _all_or_none(everyone, "ids", "image_ids")
+        pooled = _all_or_none(everyone, "templates", "template_ids")
+        setup = self._probe_setup(
+            all_probes,
+            _concatenated([e["labels"] for e in everyone]),
+            ranks=ranks,
+            fpir_targets=fpir_targets,
+            image_ids=_concatenated([e["ids"] for e in everyone]) if ids_given else None,
+            template_ids=_concatenated([e["templates"] for e in everyone]) if pooled else None,
+            identification=identification,
+            open_set=open_set,
+            device=self._device,
+        )
+        scan = self._sharded_scan(setup.probes, setup.identity, progress=progress)
+        counts, notes = self._counts_and_notes(
+            setup, scan.nearest_ratio, ids_checked=ids_given and self._image_ids is not None
+        )
+        notes.insert(0, f"sharded over {len(rows)} processes: gallery shards and probes of every process")
+        return self._reports(setup, scan, counts, notes)
+
+    def _score_dtype(self) -> np.dtype:
+        return np.dtype(np.float64 if self._dtype == torch.float64 else np.float32)
+
+    def _sharded_scan(self, probes: Tensor, probe_identity: np.ndarray, *, progress: bool) -> _Scan:
+        """:meth:`Gallery._scan` of every probe against every process's shard, combined exactly.
+
+        Scores are exact (:func:`~embedkit.evaluation.search.exact_scores`): the true
+        identity's, then the best one. The rank of the true identity is one plus the number of
+        other identities whose exact score is at least its own; each process counts its own,
+        from its block scores where they are surely above or below and by exact scores within
+        rounding, the tie rule of :class:`Gallery`.
+        """
+        group = self.process_group
+        world = process_count(group)
+        device = probes.device
+        n = probes.shape[0]
+        mated = probe_identity >= 0
+        shard = self._shard
+        n_split = self._split.size
+        # 1. The exact score of every mated probe's true identity: the best over every process.
+        true_exact = np.full(n, -np.inf)
+        true_column = np.full(n, -1, dtype=np.int64)
+        if shard is not None:
+            at = np.minimum(np.searchsorted(shard.identities, probe_identity), shard.identities.size - 1)
+            held = np.flatnonzero(mated & (shard.identities[at] == probe_identity))
+            true_column[held] = shard._identity_column[at[held]]
+            true_exact[held] = shard._exact_identity_scores(probes, held, true_column[held])
+        if world > 1:
+            true_exact = max_across(torch.from_numpy(true_exact).to(device), group).cpu().numpy()
+        true_exact = np.where(mated, true_exact, np.nan)
+        # 2. This process's shard: best exact score, identities at or above the true one.
+        best = np.full(n, -np.inf)
+        nearest = np.full(n, np.inf)
+        above = np.zeros(n, dtype=np.int64)
+        flags = np.zeros((n, n_split), dtype=np.uint8)
+        if shard is not None and n:
+            self._scan_shard(
+                shard, probes, mated, true_exact, true_column, best, nearest, above, flags, progress
+            )
+        if self._shard_images is not None and n:
+            nearest = _nearest_image_ratio(self._shard_images, probes, self.metric)
+        # 3. Combined: maxima (best, -nearest, flags) and a sum (the counts).
+        if world > 1:
+            floats = max_across(torch.from_numpy(np.stack([best, -nearest])).to(device), group).cpu().numpy()
+            best, nearest = floats[0], -floats[1]
+            (summed,) = sum_across([torch.from_numpy(above).to(device)], group)
+            above = summed.cpu().numpy()
+            if n_split:
+                flags = max_across(torch.from_numpy(flags).to(device), group).cpu().numpy()
+        rank = np.where(mated, 1 + above + flags.sum(axis=1, dtype=np.int64), 0)
+        return _Scan(best_score=best, true_score=true_exact, rank=rank, nearest_ratio=nearest)
+
+    def _scan_shard(
+        self,
+        shard: Gallery,
+        probes: Tensor,
+        mated: np.ndarray,
+        true_exact: np.ndarray,
+        true_column: np.ndarray,
+        best: np.ndarray,
+        nearest: np.ndarray,
+        above: np.ndarray,
+        flags: np.ndarray,
+        progress: bool,
+    ) -> None:
+        """Fill this process's ``best``, ``nearest``, ``above`` and ``flags`` (see :meth:`_sharded_scan`)."""
+        assert shard._entries is not None
+        entries = shard._entries
+        device = entries.device
+        dtype = working_dtype(torch.promote_types(probes.dtype, entries.dtype))
+        n, n_local = probes.shape[0], shard.num_identities
+        tolerance = score_tolerance(probes, entries, metric=self.metric, search_dtype=dtype)
+        # This shard's columns of the identities that also have images elsewhere: flagged, not counted.
+        at = np.minimum(np.searchsorted(shard.identities, self._split), n_local - 1)
+        here = np.flatnonzero(shard.identities[at] == self._split)
+        split_columns = shard._identity_column[at[here]]
+        counted = torch.ones(n_local, dtype=torch.bool, device=device)
+        counted[torch.from_numpy(split_columns).to(device)] = False
+        scan_images = self.template == "none"
+        probe_sq = (
+            to_numpy(probes.double().pow(2).sum(dim=1)) if scan_images and self.metric != "cosine" else None
+        )
+        entry_sq = entries.to(dtype).pow(2).sum(dim=1) if scan_images and self.metric == "dot" else None
+        chunk_size = shard._block_rows(dtype)
+        grouped = not (len(shard._groups) == 1 and shard._groups[0][2] == 1)
+        buffer = torch.empty((min(chunk_size, n), n_local), dtype=dtype, device=device) if grouped else None
+        with torch.no_grad(), progress_bar(n, "sharded gallery search", progress) as update:
+            for start, block in shard._score_blocks(probes, chunk_size):
+                c = block.shape[0]
+                rows = slice(start, start + c)
+                scores = shard._identity_scores(block, None if buffer is None else buffer[:c])
+                top = scores.amax(dim=1)
+                # The best exact score lies among the identities within rounding of the best block score.
+                low, _ = shard._tie_window(to_numpy(top).astype(np.float64), tolerance[rows], dtype)
+                where, column = (to_numpy(t) for t in torch.nonzero(scores >= low.to(device)[:, None]).T)
+                np.maximum.at(
+                    best, start + where, shard._exact_identity_scores(probes, start + where, column)
+                )
+                is_mated = mated[rows]
+                if is_mated.any():
+                    centre = np.where(is_mated, true_exact[rows], 0.0)
+                    low, high = (t.to(device) for t in shard._tie_window(centre, tolerance[rows], dtype))
+                    at_least = scores > high[:, None]  # surely above the true identity
+                    window = (scores >= low[:, None]) & ~at_least
+                    skip = torch.from_numpy(~is_mated).to(device)
+                    at_least[skip] = False
+                    window[skip] = False
+                    where, column = (to_numpy(t) for t in torch.nonzero(window).T)
+                    if where.size:  # within rounding: exact scores decide, ties counted as above
+                        exact = shard._exact_identity_scores(probes, start + where, column)
+                        keep = exact >= true_exact[start + where]
+                        at_least[
+                            torch.from_numpy(where[keep]).to(device),
+                            torch.from_numpy(column[keep]).to(device),
+                        ] = True
+                    own = np.flatnonzero(true_column[rows] >= 0)  # the true identity is not counted
+                    at_least[
+                        torch.from_numpy(own).to(device), torch.from_numpy(true_column[rows][own]).to(device)
+                    ] = False
+                    above[rows] = to_numpy((at_least & counted).sum(dim=1))
+                    if split_columns.size:
+                        flags[rows, here] = to_numpy(at_least[:, torch.from_numpy(split_columns).to(device)])
+                if scan_images:  # last: for dot it overwrites the block
+                    nearest[rows] = shard._nearest_from_block(
+                        block, top, entry_sq, None if probe_sq is None else probe_sq[rows]
+                    )
+                if update is not None:
+                    update(c)
