@@ -32,8 +32,12 @@ would miss them, and ``ru_maxrss`` would include the parent's memory).
 When ``benchmarks/bench_verification.py`` is present it runs afterwards (TAR@FAR on 1e7
 impostor scores against scikit-learn), so one command runs the whole evaluation benchmark.
 
+``--collapsed N`` only times ``retrieval_metrics`` with its defaults on N identical 16-d rows
+with N / 100 labels (an embedding collapsed to one point: every query ties with every
+reference), and reports the process's peak resident memory.
+
     python benchmarks/bench_evaluation.py [--quick] [--large] [--sizes 10000 100000] [--rounds 3]
-                                          [--no-verification] [--large-only]
+                                          [--no-verification] [--large-only] [--collapsed N]
 """
 
 from __future__ import annotations
@@ -336,6 +340,26 @@ def run_large(n_reference: int, n_queries: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_collapsed(n: int) -> None:
+    """Time retrieval_metrics (defaults) on ``n`` identical 16-d rows with ``n / 100`` labels."""
+    import warnings
+
+    from embedkit.evaluation.retrieval import retrieval_metrics
+
+    x = np.ones((n, 16), dtype=np.float32)
+    y = np.random.default_rng(0).integers(0, max(1, n // 100), n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the collapsed-embedding warning, expected here
+        wall, cpu, report = timed(lambda: retrieval_metrics(x, y))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(
+        f"collapsed: {n:,} identical rows x 16, {max(1, n // 100)} labels: retrieval_metrics {wall:.2f} s "
+        f"({cpu:.2f} CPU s), peak RSS {peak:.2f} GiB, search depth {report.counts['search_depth']}, "
+        f"precision@1 {float(report['precision@1']):.4f}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -349,7 +373,13 @@ def main() -> None:
     parser.add_argument("--large-only", action="store_true", help="only the large run")
     parser.add_argument("--no-verification", action="store_true", help="skip bench_verification.py")
     parser.add_argument("--large-child", type=int, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--collapsed", type=int, metavar="N", help="only time retrieval_metrics on N identical rows"
+    )
     args = parser.parse_args()
+    if args.collapsed:
+        run_collapsed(args.collapsed)
+        return
     if args.large_child:
         large_child(*args.large_child)
         return

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from embedkit.evaluation import Report, knn, retrieval_metrics, sharded_knn, sharded_retrieval_metrics
+from embedkit.evaluation.search import LabelTieOrder, _search_distinct
 from test_distributed_losses import WORLD, init_gloo, run_two_processes
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
@@ -58,6 +59,13 @@ def _tied_labels() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 3, (sum(QUERY_SPLIT),), generator=gen), torch.randint(0, 3, (16,), generator=gen)
 
 
+def _collapsed() -> tuple[torch.Tensor, torch.Tensor]:
+    """600 rows holding 3 distinct vectors (a collapsed embedding), 6 labels: ties settled by counting."""
+    gen = torch.Generator().manual_seed(7)
+    vectors = torch.randn(3, DIM, generator=gen)
+    return vectors[torch.randint(0, 3, (600,), generator=gen)], torch.randint(0, 6, (600,), generator=gen)
+
+
 def _plain(report: Report) -> dict:
     return {**report.to_dict(), "cmc": report.curves["cmc"].tolist()}
 
@@ -98,6 +106,11 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             out[f"tied_retrieval_self/{backend}"] = _plain(
                 sharded_retrieval_metrics(shard, ref_labels, ks=(1, 3), backend=backend)
             )
+        collapsed, collapsed_labels = _collapsed()
+        rows = _rows((350, 250), rank)
+        out["collapsed_self"] = _plain(
+            sharded_retrieval_metrics(collapsed[rows], collapsed_labels[rows], ks=(1, 10, 100))
+        )
         torch.save(out, Path(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -193,6 +206,20 @@ def test_ties_between_relevant_and_irrelevant_follow_retrievals_rule(
     for rank in range(WORLD):
         _assert_same_report(results[rank][f"tied_retrieval/{backend}"], report)
         _assert_same_report(results[rank][f"tied_retrieval_self/{backend}"], self_report)
+
+
+def test_a_collapsed_embedding_is_settled_by_counting_on_each_shard(results: list[dict]) -> None:
+    embeddings, labels = _collapsed()
+    for rows in (slice(0, 350), slice(350, 600)):  # each shard takes the counting path
+        order = LabelTieOrder(labels.numpy(), labels[rows].numpy())
+        found = _search_distinct(
+            embeddings, embeddings[rows], 100, metric="cosine", exclude_self=False, tie_order=order,
+            score_dtype=torch.float32,
+        )  # fmt: skip
+        assert found is not None
+    want = _plain(retrieval_metrics(embeddings, labels, ks=(1, 10, 100)))
+    for rank in range(WORLD):
+        _assert_same_report(results[rank]["collapsed_self"], want)
 
 
 def test_one_process_is_the_single_process_api() -> None:

@@ -37,7 +37,10 @@ a note — never dropped silently.
 Cost. The first six metrics need one k-NN search of depth ``max(max R, max ks)``, plus an
 exact re-scoring of the few results within rounding of each other, and a scan of the whole
 reference set for the rare query whose tie reaches past that depth:
-``n_queries × depth`` results are held, never an ``n_queries × n_reference`` matrix. mAP
+``n_queries × depth`` results are held, never an ``n_queries × n_reference`` matrix. A collapsed
+embedding, whose rows are mostly identical, ties every query with every reference: it is ranked
+from its distinct rows and the ties are counted by label, not listed (seconds at 1e5 rows);
+nearly identical rows are re-scored pair by pair, in time proportional to queries × references. mAP
 needs the rank of *every* relevant reference, wherever it falls in the ranking, so it takes
 a second, chunked pass that scores every (query, reference) pair and places each score among
 the query's ``R`` relevant scores: ``O(n_queries · n_reference · (d + log R))`` time (five to
@@ -63,6 +66,7 @@ from .report import Rate, Report
 from .search import (
     APPROXIMATE_BACKENDS,
     Backend,
+    LabelTieOrder,
     exact_scores,
     ranking_key,
     recall_against_exact,
@@ -200,10 +204,6 @@ def retrieval_metrics(
         )
     depth = min(available, max(int(relevant.max()), ks[-1]))
 
-    def relevant_last(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """The tie rule: among tied references, irrelevant ones come first."""
-        return r_ids[cols] == q_ids[rows]
-
     scores, indices = search_checked(
         q,
         None if self_mode else ref,
@@ -213,7 +213,7 @@ def retrieval_metrics(
         exclude_self=self_mode,
         chunk_size=chunk_size,
         progress=progress,
-        tie_order=relevant_last,
+        tie_order=LabelTieOrder(q_ids, r_ids),  # the tie rule: irrelevant references first
     )
     indices = to_numpy(indices) if isinstance(indices, Tensor) else indices
     top_score = to_numpy(scores[:, 0]) if isinstance(scores, Tensor) else scores[:, 0]

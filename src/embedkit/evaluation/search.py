@@ -29,12 +29,20 @@ results closer to each other than the search's rounding (:func:`score_tolerance`
 re-scored; an exact search looks four results beyond ``k``, and a query whose tie at the
 ``k``-th result reaches past them is scored against the whole reference set to settle it
 (:func:`settle_ties`). The approximate back-ends order ties among the results they found.
+
+A collapsed embedding ties every query with nearly every reference, and that scan would cost
+``n_queries × n_reference`` exact scores. When most rows are identical, the exact back-ends
+skip the search: each distinct query row is scored once against each distinct reference row,
+and each query's neighbours are filled from the ranked groups of identical rows, counting the
+tied references by label rather than listing them (:func:`_search_distinct`). Nearly identical
+rows (distinct, with scores within rounding) still take the quadratic scan, with a warning.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
 import numpy as np
@@ -58,6 +66,7 @@ __all__ = [
     "APPROXIMATE_BACKENDS",
     "BACKENDS",
     "Backend",
+    "LabelTieOrder",
     "exact_scores",
     "faiss_available",
     "knn",
@@ -279,9 +288,29 @@ def search_checked(
     torch tensors on the queries' device from the torch back-end and numpy arrays from
     FAISS. ``tie_order`` (see :func:`settle_ties`) puts some tied references before
     others; by default tied references come by index.
+
+    When the rows repeat so much that scoring every distinct query row against every distinct
+    reference row is far cheaper than the search (a collapsed embedding), the exact back-ends
+    rank from those scores instead (:func:`_search_distinct`): same neighbours, exact scores.
+    This needs ``tie_order`` to be ``None`` or a :class:`LabelTieOrder`.
     """
     ref = queries if reference is None else reference
     resolved = resolve_backend(backend, queries, ref)
+    if resolved not in APPROXIMATE_BACKENDS and (tie_order is None or isinstance(tie_order, LabelTieOrder)):
+        # Mostly identical rows (a collapsed embedding): ranked from the distinct rows, no search.
+        score_dtype = torch.float32
+        if resolved == "torch":
+            score_dtype = working_dtype(torch.promote_types(queries.dtype, ref.dtype))
+        distinct = _search_distinct(
+            queries, reference, k, metric=metric, exclude_self=exclude_self, tie_order=tie_order,
+            score_dtype=score_dtype,
+        )  # fmt: skip
+        if distinct is not None:
+            if resolved == "torch":
+                return torch.from_numpy(distinct[0]).to(queries.device), torch.from_numpy(distinct[1]).to(
+                    queries.device
+                )
+            return distinct
     # An exact search also finds a few results beyond k: a tie across the cut-off then shows
     # (see settle_ties), and the queries where it reaches past them are settled by a scan.
     available = ref.shape[0] - int(exclude_self)
@@ -606,6 +635,29 @@ TieOrder = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 ArrayT = TypeVar("ArrayT", np.ndarray, Tensor)
 
+
+@dataclass(frozen=True, eq=False)
+class LabelTieOrder:
+    """The tie order of the retrieval metrics: tied references with the query's label come last.
+
+    A :data:`TieOrder` — ``tie_order(rows, cols)`` is ``reference_labels[cols] ==
+    query_labels[rows]`` — whose rule :func:`search_checked` can read: where a tie holds
+    thousands of identical references (a collapsed embedding), it counts the references of
+    each label in the tie instead of listing them.
+
+    Parameters
+    ----------
+    query_labels : ndarray of shape (n_queries,) and integer dtype
+    reference_labels : ndarray of shape (n_reference,) and integer dtype
+    """
+
+    query_labels: np.ndarray
+    reference_labels: np.ndarray
+
+    def __call__(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return self.reference_labels[cols] == self.query_labels[rows]
+
+
 # Results an exact search finds beyond k: a tie across the cut-off with fewer members beyond it
 # is settled from them; a longer one needs a scan of the whole reference set.
 _BEYOND = 4
@@ -615,6 +667,23 @@ _TIE_SCAN_BYTES = 2**20
 
 # Pairs of embeddings re-scored per block (float64 gathers of both rows and a product).
 _PAIR_BYTES_PER_DIM = 40
+
+# The search from distinct rows (_search_distinct) is taken when scoring every distinct query row
+# against every distinct reference row costs at most this many pair-dimensions (about a second)
+# and is this many times fewer pairs than the search.
+_DISTINCT_PAIR_DIMS = 2**26
+_DISTINCT_GAIN = 64
+
+# Rows, evenly spread, whose repeats decide whether a set is worth grouping: more than half of
+# them distinct and the set is searched as it is.
+_GROUP_SAMPLE = 4096
+
+# Candidate (query, reference) pairs ordered at a time by _search_distinct (about 100 MB).
+_DISTINCT_CANDIDATES = 2**21
+
+# Pairs of one block of _settle_cut: the block's window is listed pair by pair (indices, exact
+# scores and their order: about 60 bytes a pair), so its rows are capped at 2**27 / 64 pairs.
+_CUT_BYTES_PER_PAIR = 64
 
 
 def exact_scores(
@@ -712,7 +781,9 @@ def ranking_key(scores: ArrayT, metric: str) -> ArrayT:
     return -(scores**2) if metric == "euclidean" else scores
 
 
-#: Above this many (query, reference) pairs re-scored for ties past the search depth, warn.
+#: Above this many (query, reference) pairs re-scored for ties past the search depth, warn: a
+#: tie that long means a collapsed embedding, and unless its rows are identical (then
+#: :func:`_search_distinct` counts them) settling it is quadratic.
 _SLOW_CUT_PAIRS = 20_000_000
 
 
@@ -788,8 +859,10 @@ def settle_ties(
         # Correct but quadratic: say why a call on a collapsed embedding takes so long.
         warnings.warn(
             f"{rows.size} queries tie at their last neighbour with references beyond the searched "
-            f"depth; each is re-scored exactly against all {n_reference} references, which is slow. "
-            "Many exact ties usually mean a collapsed embedding (check it with "
+            f"depth; each is re-scored exactly against all {n_reference} references, which is slow "
+            "(time grows as queries x references). Rows identical to the last bit are settled by "
+            "counting instead, but these are near-ties within rounding, or too many distinct rows. "
+            "Many ties usually mean a collapsed embedding (check it with "
             "EmbeddingHealthMonitor or `embedkit doctor`).",
             stacklevel=3,
         )
@@ -945,6 +1018,9 @@ def _settle_cut(
     device = queries.device
     rows_t = torch.from_numpy(rows).to(device)
     duplicates = _identical_rows(ref)
+    # every pair of a block may be in the window (nearly collapsed rows): bound its listing
+    most_rows = rows_per_block(ref.shape[0], bytes_per_entry=_CUT_BYTES_PER_PAIR)
+    chunk_size = most_rows if chunk_size is None else min(chunk_size, most_rows)
     blocks = similarity_blocks(queries[rows_t], ref, metric=cast(Metric, metric), chunk_size=chunk_size)
     for offset, block in blocks:
         c = block.shape[0]
@@ -987,3 +1063,187 @@ def _settle_cut(
         target_cols = start[part][wr[keep]] + rank[keep]
         out_indices[target_rows, target_cols] = wc[keep]
         out_scores[target_rows, target_cols] = value[keep]
+
+
+def _identical_groups(x: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(inverse, first)`` of the identical rows of ``x`` when they repeat, else ``None``.
+
+    ``inverse[j]`` is row ``j``'s group and ``first[g]`` the lowest row of group ``g``. Rows are
+    grouped by a hash of their bits, then checked equal to their group's first row. ``None`` when
+    more than half of :data:`_GROUP_SAMPLE` evenly spread rows are distinct (nothing to gain;
+    this costs a hash of those rows only) or, never seen, when two different rows share a hash.
+    """
+    n = x.shape[0]
+    if n < 2:
+        return None
+
+    def host_bits(rows: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        values = to_numpy(rows if rows.dtype in (torch.float32, torch.float64) else rows.float())
+        return values, values.view(np.uint64 if values.dtype == np.float64 else np.uint32)
+
+    multipliers = np.random.default_rng(0).integers(0, 2**62, size=x.shape[1], dtype=np.uint64) * 2 + 1
+    sample = np.unique(np.linspace(0, n - 1, min(n, _GROUP_SAMPLE)).astype(np.int64))
+    # Only the sample crosses to the host (and is converted) unless it repeats.
+    _, sample_bits = host_bits(x[torch.from_numpy(sample).to(x.device)])
+    if np.unique(_row_hashes(sample_bits, np.arange(sample.size), multipliers)).size > sample.size // 2:
+        return None
+    values, bits = host_bits(x)
+    hashes = _row_hashes(bits, np.arange(n), multipliers)
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1).astype(np.int64, copy=False)
+    first = first.astype(np.int64, copy=False)
+    step = rows_per_block(values.shape[1], bytes_per_entry=16)
+    for start in range(0, n, step):
+        part = slice(start, start + step)
+        if not (values[part] == values[first[inverse[part]]]).all():
+            return None
+    return inverse, first
+
+
+def _row_hashes(bits: np.ndarray, rows: np.ndarray, multipliers: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of the bits of each row ``rows`` of ``bits``, block by block."""
+    out = np.empty(rows.size, dtype=np.uint64)
+    step = rows_per_block(bits.shape[1], bytes_per_entry=24)
+    for start in range(0, rows.size, step):
+        part = slice(start, start + step)
+        out[part] = (bits[rows[part]].astype(np.uint64) * multipliers).sum(axis=1, dtype=np.uint64)
+    return out
+
+
+def _search_distinct(
+    queries: Tensor,
+    reference: Tensor | None,
+    k: int,
+    *,
+    metric: str,
+    exclude_self: bool,
+    tie_order: LabelTieOrder | None,
+    score_dtype: torch.dtype,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The exact search from the distinct rows when rows repeat enough; ``None`` otherwise.
+
+    For a collapsed embedding, where every query ties with nearly every reference: settling
+    those ties pair by pair costs ``n_queries × n_reference`` exact scores, this costs one per
+    pair of *distinct* rows plus ``O(k)`` per query. Identical rows have identical exact scores,
+    so every distinct query row is scored exactly against every distinct reference row, and the
+    reference groups are ranked by that score. A query's ``k`` neighbours then lie in its best
+    groups, up to the end of the score level that holds the ``k``-th reference (``k + 1`` with
+    ``exclude_self``); the groups of the levels above it hold fewer than ``k + 1`` references and
+    are listed whole. Of a group in the last level, only its first ``k + 1 + c`` references by
+    index can be among the neighbours, ``c`` being its references with the query's label when
+    ``tie_order`` puts those last (counted by label, from a table of (group, label) counts): with
+    fewer than ``k + 1`` references of the other labels, the group holds at most ``k + 1 + c``
+    references and is listed whole. The listed candidates are ordered by the tie rule (score,
+    ``tie_order``, index) and the first ``k`` kept, so the result is the search's exactly, with
+    exact scores throughout.
+
+    Taken when the distinct pairs cost at most :data:`_DISTINCT_PAIR_DIMS` pair-dimensions
+    and are :data:`_DISTINCT_GAIN` times fewer than all pairs.
+    """
+    ref = queries if reference is None else reference
+    n_q, n_r, d = queries.shape[0], ref.shape[0], queries.shape[1]
+    ref_groups = _identical_groups(ref)
+    if ref_groups is None:
+        return None
+    inv_r, first_r = ref_groups
+    q_groups = ref_groups if reference is None else _identical_groups(queries)
+    inv_q, first_q = q_groups if q_groups is not None else (np.arange(n_q), np.arange(n_q))
+    g_q, g_r = first_q.size, first_r.size
+    if g_q * g_r * d > _DISTINCT_PAIR_DIMS or _DISTINCT_GAIN * g_q * g_r > n_q * n_r:
+        return None
+    pair_rows, pair_cols = np.repeat(first_q, g_r), np.tile(first_r, g_q)
+    score = exact_scores(queries, ref, pair_rows, pair_cols, metric=metric).reshape(g_q, g_r)
+    size = np.bincount(inv_r, minlength=g_r)
+    members = np.argsort(inv_r, kind="stable")  # each group's rows, ascending
+    member_start = np.cumsum(size) - size
+    rank = np.argsort(-score, axis=1, kind="stable")  # per query group: reference groups, best first
+    ranked = np.take_along_axis(score, rank, axis=1)
+    level = np.zeros((g_q, g_r), dtype=np.int64)  # groups of equal exact score share a level
+    np.cumsum(ranked[:, 1:] < ranked[:, :-1], axis=1, out=level[:, 1:])
+    need = k + int(exclude_self)
+    held = np.cumsum(size[rank], axis=1)
+    cut = np.argmax(held >= need, axis=1)  # the group holding the need-th reference
+    used = (level <= level[np.arange(g_q), cut][:, None]).sum(axis=1)  # groups to the end of its level
+    in_used = np.arange(g_r)[None, :] < used[:, None]
+    bound = np.where(in_used, np.minimum(size[rank], need), 0).sum(axis=1)[inv_q]  # candidates per query
+    labelled = None
+    if tie_order is not None:
+        _, codes = np.unique(
+            np.concatenate([tie_order.query_labels, tie_order.reference_labels]), return_inverse=True
+        )
+        codes = codes.reshape(-1)
+        q_codes, r_codes = codes[: tie_order.query_labels.size], codes[tie_order.query_labels.size :]
+        n_labels = int(codes.max()) + 1
+        keys, key_counts = np.unique(inv_r * n_labels + r_codes, return_counts=True)  # (group, label)
+        labelled = (q_codes, n_labels, keys, key_counts)
+        bound = bound + np.bincount(r_codes, minlength=n_labels)[q_codes]
+    _warn_if_collapsed(exclude_self, inv_q, inv_r, rank, used, held, k, n_r)
+
+    scores = np.empty((n_q, k), dtype=_numpy_dtype(score_dtype))
+    indices = np.empty((n_q, k), dtype=np.int64)
+    total = np.cumsum(bound)
+    start = 0
+    while start < n_q:
+        done = int(total[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(total, done + _DISTINCT_CANDIDATES, side="right")))
+        rows = np.arange(start, min(stop, n_q))
+        # one entry per (query, used group), then per candidate reference of that group
+        per_query = used[inv_q[rows]]
+        pr = np.repeat(rows, per_query)
+        pj = np.arange(pr.size) - np.repeat(np.cumsum(per_query) - per_query, per_query)
+        pa = inv_q[pr]
+        pg = rank[pa, pj]
+        take = np.minimum(size[pg], need)
+        if labelled is not None:
+            q_codes, n_labels, keys, key_counts = labelled
+            key = pg * n_labels + q_codes[pr]
+            at = np.minimum(np.searchsorted(keys, key), keys.size - 1)
+            take = np.minimum(size[pg], need + np.where(keys[at] == key, key_counts[at], 0))
+        entry = np.repeat(np.arange(pr.size), take)
+        within = np.arange(entry.size) - np.repeat(np.cumsum(take) - take, take)
+        cr = pr[entry]
+        cc = members[member_start[pg[entry]] + within]
+        if exclude_self:
+            keep = cc != cr
+            entry, cr, cc = entry[keep], cr[keep], cc[keep]
+        later = np.zeros(cr.size, dtype=bool) if tie_order is None else tie_order(cr, cc)
+        order = np.lexsort((cc, later, level[pa[entry], pj[entry]], cr))
+        cr, cc, value = cr[order], cc[order], ranked[pa[entry], pj[entry]][order]
+        counts = np.bincount(cr - rows[0], minlength=rows.size)
+        place = np.arange(cr.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        kept = place < k
+        indices[cr[kept], place[kept]] = cc[kept]
+        scores[cr[kept], place[kept]] = value[kept]
+        start = int(rows[-1]) + 1
+    return scores, indices
+
+
+def _warn_if_collapsed(
+    exclude_self: bool,
+    inv_q: np.ndarray,
+    inv_r: np.ndarray,
+    rank: np.ndarray,
+    used: np.ndarray,
+    held: np.ndarray,
+    k: int,
+    n_reference: int,
+) -> None:
+    """The warning of :func:`settle_ties` for the ties :func:`_search_distinct` settled.
+
+    Under the same condition — the queries whose tie at the ``k``-th neighbour reaches past the
+    searched depth, times the references, above :data:`_SLOW_CUT_PAIRS` — but counted, not slow.
+    """
+    tied = held[inv_q, used[inv_q] - 1]  # references at or above the k-th neighbour's score
+    if exclude_self:
+        where = np.empty_like(rank)
+        np.put_along_axis(where, rank, np.broadcast_to(np.arange(rank.shape[1]), rank.shape), axis=1)
+        tied = tied - (where[inv_q, inv_r] < used[inv_q])  # query i is reference i
+    spilled = int(np.count_nonzero(tied > k))
+    if spilled * n_reference > _SLOW_CUT_PAIRS:
+        warnings.warn(
+            f"{spilled} queries tie at their last neighbour with references beyond the searched depth; "
+            f"the {n_reference} references hold only {rank.shape[1]} distinct rows, so the ties were "
+            "settled by counting identical rows (fast). Many exact ties usually mean a collapsed "
+            "embedding (check it with EmbeddingHealthMonitor or `embedkit doctor`).",
+            stacklevel=4,
+        )

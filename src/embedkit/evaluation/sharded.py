@@ -61,7 +61,7 @@ from .retrieval import (
     rank_metrics,
     too_few_references_note,
 )
-from .search import Backend, exact_scores, resolve_backend, score_tolerance, search_checked
+from .search import Backend, LabelTieOrder, exact_scores, resolve_backend, score_tolerance, search_checked
 
 __all__ = ["ShardedGallery", "sharded_knn", "sharded_retrieval_metrics"]
 
@@ -131,10 +131,9 @@ def _search(
     dtype = torch.float64 if on_torch and own.dtype == torch.float64 else torch.float32
     tie_order = None
     if relevant_later is not None:
+        # A LabelTieOrder (not a plain callable) lets a collapsed shard be settled by counting.
         query_classes, reference_classes = relevant_later
-
-        def tie_order(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-            return reference_classes[cols + ref_offset] == query_classes[rows]
+        tie_order = LabelTieOrder(query_classes, reference_classes[ref_offset : ref_offset + shard.shape[0]])
 
     if local_k > 0 and n_all > 0:
         _, found = search_checked(
