@@ -172,6 +172,7 @@ class ClassCollapseMonitor:
         self._pending: list[_BatchFacts] = []
         self._fold_every = max(1, min(FOLD_EVERY, FOLD_CELLS // self.num_classes))
         self._reversed: Tensor | None = None  # C-1, ..., 1, 0, see _scan_rows
+        self._work: Tensor | None = None  # the (batch, C) workspace of _scan_rows, reused
 
     def __repr__(self) -> str:
         seen = 0 if self._state is None else self._state.seen + 0
@@ -341,7 +342,11 @@ class ClassCollapseMonitor:
         """
         c = self.num_classes
         row_max = x.amax(dim=1, keepdim=True)
-        work = torch.empty_like(x)
+        # Reused from call to call: a fresh (batch, C) buffer is fresh memory pages, whose
+        # first writes cost more than the comparisons written into them.
+        work = self._work
+        if work is None or work.shape != x.shape or work.dtype != x.dtype or work.device != x.device:
+            work = self._work = torch.empty_like(x)
         # Max-softmax = 1 / sum(exp(x - x_max)): the sum is >= 1, no overflow. Terms below
         # exp(-80) (< 1e-34 of the largest) change nothing but would be subnormal.
         head = x[sampled]
