@@ -7,13 +7,34 @@ the table reports the median of each and the ratio PML / embedkit (above 1 =
 embedkit faster). ``--memory`` re-runs each case in a fresh subprocess and reports its peak
 resident memory growth, which shows the N×N×N and pairs×N tensors PML builds.
 
-    python benchmarks/bench_losses.py [--quick] [--memory] [--sizes 256 1024] [--losses Triplet]
+How memory is measured (Linux, glibc): in the fresh subprocess each library first makes
+one warm-up forward+backward on the same batch, as every step of a training loop after
+the first does. The first call of a process pays one-time costs of torch itself, the
+same for both libraries whatever the loss: the first matmul (MKL's buffers, about
+4.7 MiB), the first backward (the autograd engine, about 2.4 MiB) and each kernel's code
+paged in — about 12 MiB in all, more than the loss's own tensors at N=256. After the
+warm-up, freed memory is handed back to the system (``malloc_trim``) and the peak is
+reset to the current resident size (``/proc/self/clear_refs``), so the measured call
+faults in every page it uses: the figure is its own peak above what was resident before
+it. The subprocess pins glibc's mmap threshold at its default 128 KiB
+(``MALLOC_MMAP_THRESHOLD_``): otherwise glibc raises it after the first large free,
+later tensors come from the heap, and the reading depends on fragmentation (PML's
+ArcFace at N=4,096 read 115-166 MiB in identical runs); pinned, every tensor of 128 KiB
+or more is its own mapping, returned when freed, and the figure is the peak of live
+tensors (repeat runs agree within 0.2 MiB). ``--cold`` measures the first call instead,
+one-time costs included.
+
+    python benchmarks/bench_losses.py [--quick] [--memory [--cold]] [--sizes 256 1024] [--losses Triplet]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -90,6 +111,13 @@ def _cases() -> dict[str, tuple[Callable[[], torch.nn.Module], Callable[[], obje
             lambda: pml_with_miner(L.MultiSimilarityLoss(), M.MultiSimilarityMiner(0.1)),
         ),
         "CircleLoss": (ek.CircleLoss, L.CircleLoss),
+        # PML's temperature divides unit cosines (W and embeddings both L2-normalised per
+        # call), so its temperature=0.05 is our default scale=20 with temperature=1. The
+        # weight inits differ (PML normal std 1 on W (d, C), ours std 0.01 on (C, d)) but
+        # only the directions of the centres enter either loss.
+        "NormalizedSoftmaxLoss": classifier_pair(
+            ek.NormalizedSoftmaxLoss, L.NormalizedSoftmaxLoss, temperature=0.05
+        ),
         "ArcFaceLoss": classifier_pair(ek.ArcFaceLoss, L.ArcFaceLoss, margin=math.degrees(0.5)),
         "CosFaceLoss": classifier_pair(ek.CosFaceLoss, L.CosFaceLoss),
         "SubCenterArcFaceLoss": classifier_pair(
@@ -131,23 +159,40 @@ def _times(
     return [statistics.median(s) for s in samples]
 
 
-def _peak_growth_mib(name: str, library: str, size: int) -> float:
+def _peak_growth_mib(name: str, library: str, size: int, *, cold: bool = False) -> float:
     """Peak resident memory growth of one forward+backward, in a fresh interpreter.
 
-    Read from ``VmHWM`` (the high-water mark of this process's own memory map), not
-    ``ru_maxrss``, which a child inherits from its parent's peak across ``exec``.
+    After one warm-up call unless ``cold`` (see the module docstring). Read from ``VmHWM``
+    (the high-water mark of this process's own memory map), not ``ru_maxrss``, which a
+    child inherits from its parent's peak across ``exec``.
     """
     code = (
         "import benchmarks.bench_losses as b\n"
         f"ours, theirs = b._cases()[{name!r}]\n"
         f"loss = (ours if {library!r} == 'embedkit' else theirs)()\n"
         f"x, y = b._batch({size})\n"
+        f"if not {cold!r}:\n"
+        "    loss(x.clone().requires_grad_(), y).backward()\n"
+        "    b._release_and_reset_peak()\n"
         "before = b._high_water_kib()\n"
         "loss(x.requires_grad_(), y).backward()\n"
         "print((b._high_water_kib() - before) / 1024)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def _release_and_reset_peak() -> None:
+    """Give freed heap memory back to the system and reset ``VmHWM`` to the current RSS (Linux).
+
+    Without the first, the measured call would reuse pages the warm-up left in the
+    allocator and read low; without the second, it would read 0 below the warm-up's peak.
+    """
+    gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
 
 
 def _high_water_kib() -> int:
@@ -165,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="batch 256 only, 3 repetitions")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (slow)")
+    parser.add_argument(
+        "--cold", action="store_true", help="with --memory: measure the first call (one-time costs included)"
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument(
         "--losses", nargs="+", default=None, help="only the cases whose name contains one of these"
@@ -198,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                 (ek_time,) = _times([ours()], size, repeats)
                 row = f"{name:30s} {size:5d} {1e3 * ek_time:12.2f}   {skip}"
                 if args.memory:
-                    row += f" {_peak_growth_mib(name, 'embedkit', size):8.1f}"
+                    row += f" {_peak_growth_mib(name, 'embedkit', size, cold=args.cold):8.1f}"
                 print(row, flush=True)
                 continue
             ek_time, pml_time = _times([ours(), theirs()], size, repeats)  # type: ignore[list-item]
@@ -206,8 +254,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{name:30s} {size:5d} {1e3 * ek_time:12.2f} {1e3 * pml_time:10.2f} {pml_time / ek_time:7.2f}"
             )
             if args.memory:
-                row += f" {_peak_growth_mib(name, 'embedkit', size):8.1f}"
-                row += f" {_peak_growth_mib(name, 'pml', size):8.1f}"
+                row += f" {_peak_growth_mib(name, 'embedkit', size, cold=args.cold):8.1f}"
+                row += f" {_peak_growth_mib(name, 'pml', size, cold=args.cold):8.1f}"
             print(row, flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process: {peak:.0f} MiB")

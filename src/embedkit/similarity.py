@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_choice, check_embeddings, check_int, check_matching_dim
 
@@ -264,6 +265,165 @@ class _Euclidean(torch.autograd.Function):
         grad_x = weight.sum(dim=1)[:, None] * x - weight @ y
         grad_y = weight.sum(dim=0)[:, None] * y - weight.T @ x
         return grad_x, grad_y, None, None, None
+
+
+# --- Scaled cosine scores with a fused backward (the margin-softmax heads) ---------------------
+
+
+def _scaled_cosine(
+    x: Tensor, y: Tensor, *, x_scale: float = 1.0, y_scale: float = 1.0, group: int = 1
+) -> Tensor:
+    """``x_scale * y_scale * cos(x_i, y_j)``, each group of ``group`` rows of ``y`` reduced to its maximum.
+
+    Equal to ``x_scale * y_scale * pairwise_similarity(x, y, metric="cosine")`` (for
+    ``group > 1``, viewed as (n, m / group, group) and maximised over the last
+    dimension), with a cheaper graph: both inputs are normalised outside autograd and
+    the backward is written out (:class:`_ScaledCosine`). Zero rows score 0 with a zero
+    gradient, as in :func:`l2_normalize`. The scales are applied to the normalised
+    factors, not to the (n, m) product, so pass the whole scale on the factor with fewer
+    rows.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d)
+        In the working dtype (:func:`working_dtype`).
+    y : Tensor of shape (m, d)
+        The same dtype as ``x``; ``m`` a multiple of ``group``, whose rows
+        ``j * group + k`` (k < group) form group ``j``.
+    x_scale, y_scale : float
+        Multiply the normalised rows of ``x`` and of ``y``.
+    group : int
+        Rows of ``y`` per group; the gradient of a group's score goes to the row that
+        attains the maximum (the first on a tie), as ``max`` sends it.
+
+    Returns
+    -------
+    Tensor of shape (n, m / group)
+        Differentiable once (no double backward).
+    """
+    scores: Tensor = _ScaledCosine.apply(x, y, x_scale, y_scale, group)
+    return scores
+
+
+def _scaled_unit_rows(x: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``scale * l2_normalize(x)`` without an autograd graph, and the gain its backward needs.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d)
+    scale : float
+
+    Returns
+    -------
+    unit : Tensor of shape (n, d)
+        ``scale * x / |x|``; zero for rows of norm at most :data:`ZERO_NORM`.
+    gain : Tensor of shape (n, 1)
+        ``scale / |x|`` (0 for those zero rows), the factor of the backward.
+    """
+    if x.dtype != torch.float64 and x.device.type == "cpu":
+        # Squares of float32 entries neither overflow nor (in rows above ZERO_NORM)
+        # underflow in float64: one reduction instead of l2_normalize's power-of-two
+        # rescaling (CPU only: float64 is slow on many GPUs). Only rows of norm above
+        # 1e38 get a subnormal, less precise gain.
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64)
+        gain = torch.where(norm <= ZERO_NORM, 0.0, scale / norm).to(x.dtype)
+        return x * gain, gain
+    # As l2_normalize: rows are divided by a power of two first (exact), so |x|² cannot
+    # overflow; the norm of the divided row lies in [0.5, sqrt(d)], so scale / norm is safe.
+    power = _power_of_two_scale(x, dim=1)
+    unit = x / power
+    norm = torch.linalg.vector_norm(unit, dim=1, keepdim=True)
+    factor = torch.where(norm * power <= ZERO_NORM, 0.0, scale / norm)
+    return unit.mul_(factor), factor / power
+
+
+def _unit_rows_backward(grad_unit: Tensor, unit: Tensor, gain: Tensor, scale: float) -> Tensor:
+    """Gradient with respect to ``x`` of ``unit = scale * x / |x|`` (see :func:`_scaled_unit_rows`).
+
+    ``d unit / d x = (scale / |x|) (I - û ûᵀ)``, so the gradient is ``gain * g`` minus its
+    component along ``û = unit / scale``. ``grad_unit`` is consumed (overwritten).
+    """
+    along = torch.linalg.vecdot(grad_unit, unit, dim=1)[:, None] * (gain / -(scale * scale))
+    return grad_unit.mul_(gain).addcmul_(unit, along)
+
+
+class _ScaledCosine(torch.autograd.Function):
+    """The autograd Function of :func:`_scaled_cosine`; ``forward(x, y, x_scale, y_scale, group)``.
+
+    * The rows of both inputs are normalised (and scaled) outside autograd — a few passes
+      over the two small factors instead of an :func:`l2_normalize` graph each way — and
+      backward projects the gradient analytically (:func:`_unit_rows_backward`).
+    * With groups, ``y`` is normalised into a member-major copy, so a batched matmul gives
+      one contiguous (n, m / group) block per group member, whose elementwise maximum is
+      the score (a reduction over an inner dimension of 3 is many times slower). Only the
+      index of the winning member is kept (as float); backward spreads the gradient one
+      member at a time through an (n, m / group) buffer, never an (n, m) one.
+
+    Comparisons are written as 0/1 floats and combined with ``maximum``: on CPU, bool
+    masks (``masked_fill``, ``where``) cost 5-20 times more per entry. Matmuls run in the
+    working dtype with autocast off, forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, y: Tensor, x_scale: float, y_scale: float, group: int) -> Tensor:
+        with _full_precision(x.device):
+            u, x_gain = _scaled_unit_rows(x, x_scale)
+            choice = None
+            if group == 1:
+                v, y_gain = _scaled_unit_rows(y, y_scale)
+                scores = u @ v.T
+            else:
+                groups = y.shape[0] // group
+                member_major = y.view(groups, group, -1).transpose(0, 1).reshape(y.shape)
+                v, y_gain = _scaled_unit_rows(member_major, y_scale)
+                blocks = u @ v.view(group, groups, -1).transpose(1, 2)  # (group, n, groups)
+                scores = torch.maximum(blocks[0], blocks[1])  # propagates NaN, as max does
+                # The last member that beat the running maximum (strictly, so the first
+                # wins a tie) is the winner: choice = max_k k * [member k beat it].
+                choice = torch.gt(blocks[1], blocks[0], out=torch.empty_like(scores))
+                for k in range(2, group):
+                    beat = torch.gt(blocks[k], scores, out=blocks[0])
+                    torch.maximum(scores, blocks[k], out=scores)
+                    torch.maximum(choice, beat.mul_(k), out=choice)
+        ctx.save_for_backward(u, v, x_gain, y_gain, choice)
+        ctx.scales = (x_scale, y_scale)
+        ctx.group = group
+        return scores
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        u, v, x_gain, y_gain, choice = ctx.saved_tensors
+        x_scale, y_scale = ctx.scales
+        group = ctx.group
+        want_x, want_y = ctx.needs_input_grad[:2]
+        grad_x = grad_y = None
+        with _full_precision(grad.device):
+            if choice is None:
+                if want_x:
+                    grad_x = _unit_rows_backward(grad @ v, u, x_gain, x_scale)
+                if want_y:
+                    grad_y = _unit_rows_backward(grad.T @ u, v, y_gain, y_scale)
+                return grad_x, grad_y, None, None, None
+            members = v.view(group, -1, v.shape[1])
+            gains = y_gain.view(group, -1, 1)
+            grad_unit_x = None
+            if want_y:
+                # Written member by member into the layout of y (class-major), no transpose copy.
+                grad_y = v.new_empty(members.shape[1], group, v.shape[1])
+            part = torch.empty_like(grad)
+            for k in range(group):
+                torch.eq(choice, k, out=part).mul_(grad)  # the gradient of member k's scores
+                if want_x:
+                    if grad_unit_x is None:
+                        grad_unit_x = part @ members[k]
+                    else:
+                        grad_unit_x.addmm_(part, members[k])
+                if grad_y is not None:
+                    grad_y[:, k] = _unit_rows_backward(part.T @ u, members[k], gains[k], y_scale)
+            if grad_unit_x is not None:
+                grad_x = _unit_rows_backward(grad_unit_x, u, x_gain, x_scale)
+        return grad_x, None if grad_y is None else grad_y.view(v.shape), None, None, None
 
 
 # --- Chunked iteration: bounded memory for any number of rows -----------------------------------
