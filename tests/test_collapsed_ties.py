@@ -198,7 +198,10 @@ def test_the_neighbours_of_a_collapsed_embedding_come_irrelevant_first_then_by_i
     x = torch.ones(n, 8)
     y = rng.integers(0, 40, n)
     later = search.LabelTieOrder(y, y)
-    scores, indices = search.search_checked(x, None, 300, backend="faiss", exclude_self=True, tie_order=later)
+    with pytest.warns(UserWarning, match="settled by counting"):
+        scores, indices = search.search_checked(
+            x, None, 300, backend="faiss", exclude_self=True, tie_order=later
+        )
     scores, indices = np.asarray(scores), np.asarray(indices)
     assert (scores == 1.0).all()
     for i in rng.choice(n, 25, replace=False):
