@@ -260,6 +260,36 @@ def run_approximate(n: int, dim: int, n_queries: int, k: int = 10) -> list[dict[
     return rows
 
 
+def run_approximate_defaults(n: int, dim: int, n_queries: int, k: int = 10) -> list[dict[str, Any]]:
+    """Recall@k and wall time of ``knn`` itself on the approximate back-ends, at its defaults.
+
+    The data are :func:`run_approximate`'s; each row times one whole ``knn`` call (build,
+    the calibration of ``nprobe`` / ``efSearch`` on a sample of the queries, and the search),
+    the first row the exact search (``backend="faiss"``), against whose top ``k`` the recall
+    is counted.
+    """
+    import faiss
+
+    from embedkit.evaluation import knn
+
+    x, _ = make_data(n + n_queries, seed=3, dim=dim)
+    faiss.normalize_L2(x)
+    reference, queries = x[:n], x[n:]
+    rows: list[dict[str, Any]] = []
+    exact: np.ndarray | None = None
+    for backend in ("faiss", "faiss-ivf", "faiss-hnsw"):
+        start = time.perf_counter()
+        _, found = knn(queries, reference, k, backend=backend)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - start
+        found = np.asarray(found)
+        if exact is None:
+            exact = found
+        recall = float(np.mean([np.intersect1d(a, b).size for a, b in zip(found, exact, strict=True)]) / k)
+        rows.append({"n": n, "dim": dim, "backend": backend, "seconds": seconds, f"recall@{k}": recall})
+        print(f"| {backend} | {seconds:.1f} | {recall:.4f} |", flush=True)
+    return rows
+
+
 def _proc_status_gib(field: str) -> float | None:
     """A memory field (``VmHWM``, ``VmRSS``) of ``/proc/self/status`` in GiB; None off Linux."""
     status = Path("/proc/self/status")
@@ -376,7 +406,25 @@ def main() -> None:
     parser.add_argument(
         "--collapsed", type=int, metavar="N", help="only time retrieval_metrics on N identical rows"
     )
+    parser.add_argument(
+        "--approximate",
+        type=int,
+        metavar="N",
+        help="only the approximate back-ends: knn at its defaults on N references and N/10 queries",
+    )
+    parser.add_argument(
+        "--sweep", action="store_true", help="with --approximate: also the nprobe / efSearch sweep (slow)"
+    )
     args = parser.parse_args()
+    if args.approximate:
+        n = args.approximate
+        print(f"knn at its defaults, {n:,} references, {n // 10:,} queries, d={DIM}, cosine: wall seconds")
+        print("| backend | seconds (build + calibration + search) | recall@10 |\n| --- | --- | --- |")
+        run_approximate_defaults(n, DIM, n // 10)
+        if args.sweep:
+            for row in run_approximate(n, DIM, n // 10):
+                print(json.dumps(row), flush=True)
+        return
     if args.collapsed:
         run_collapsed(args.collapsed)
         return
