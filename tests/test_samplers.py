@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
 from embedkit.samplers import PKSampler
+from test_distributed_losses import run_two_processes
 
 
 def long_tailed(num_classes: int = 60, seed: int = 0) -> np.ndarray:
@@ -495,14 +496,9 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
 def test_two_real_gloo_processes_get_disjoint_equal_shards(tmp_path: Path) -> None:
-    # fork: the children reuse the imported torch instead of importing it again (seconds each).
-    torch.multiprocessing.start_processes(
-        _distributed_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=True,
-        start_method="fork",
-    )
+    # From the suite's fork server, like every two-process test: forking the test process
+    # itself left a later fork-server start hanging on torch 2.1.
+    run_two_processes(_distributed_worker, tmp_path)
     single = PKSampler(long_tailed(), 4, 2, seed=9)
     single.set_epoch(3)
     own = single.global_plan()

@@ -366,7 +366,9 @@ class _ScaledCosine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, y: Tensor, x_scale: float, y_scale: float, group: int) -> Tensor:
-        with _full_precision(x.device):
+        # no_grad is what eager runs forward under anyway; torch.compile before 2.2 traces
+        # forward with gradients on, where the out= writes below would fail.
+        with torch.no_grad(), _full_precision(x.device):
             u, x_gain = _scaled_unit_rows(x, x_scale)
             choice = None
             if group == 1:
