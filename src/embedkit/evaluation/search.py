@@ -933,23 +933,6 @@ def _settle_rows(
     return rows[straddle], start, key[straddle, -1] - margin, key[straddle, start] + margin
 
 
-def _identical_rows(reference: Tensor) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(inverse, representatives)`` when at most half the reference rows are distinct.
-
-    Identical rows have identical exact scores, so a tie among them is scored once per
-    distinct row: ``inverse[j]`` is row ``j``'s group and ``representatives[g]`` one row of
-    group ``g``. ``None`` when most rows are distinct (nothing to gain).
-    """
-    _, inverse_t = torch.unique(reference.detach(), dim=0, return_inverse=True)
-    inverse = to_numpy(inverse_t).astype(np.int64, copy=False)
-    n_groups = int(inverse.max()) + 1 if inverse.size else 0
-    if n_groups > inverse.size // 2:
-        return None
-    representatives = np.empty(n_groups, dtype=np.int64)
-    representatives[inverse[::-1]] = np.arange(inverse.size)[::-1]  # the first row of each group
-    return inverse, representatives
-
-
 def _tie_rule_order(
     wr: np.ndarray, wc: np.ndarray, value: np.ndarray, first: np.ndarray, need: np.ndarray
 ) -> np.ndarray:
@@ -1017,7 +1000,7 @@ def _settle_cut(
     k = out_indices.shape[1]
     device = queries.device
     rows_t = torch.from_numpy(rows).to(device)
-    duplicates = _identical_rows(ref)
+    duplicates = _identical_groups(ref)
     # every pair of a block may be in the window (nearly collapsed rows): bound its listing
     most_rows = rows_per_block(ref.shape[0], bytes_per_entry=_CUT_BYTES_PER_PAIR)
     chunk_size = most_rows if chunk_size is None else min(chunk_size, most_rows)
