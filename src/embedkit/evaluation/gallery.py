@@ -1062,9 +1062,11 @@ class Gallery:
         return float(np.nextafter(dtype.type(s), dtype.type(np.inf)))
 
 
-def _encode(labels: Any, n_rows: int, name: str, *, rows_name: str) -> tuple[np.ndarray, np.ndarray]:
+def _encode(
+    labels: Any, n_rows: int, name: str, *, rows_name: str, allow_empty: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """:func:`encode_labels`, one label per row of ``rows_name``."""
-    codes, classes = encode_labels(labels, name)
+    codes, classes = encode_labels(labels, name, allow_empty=allow_empty)
     if codes.shape[0] != n_rows:
         raise ValueError(
             f"{name} has {codes.shape[0]} entries but {rows_name} has {n_rows} rows; expected one per row"

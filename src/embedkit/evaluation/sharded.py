@@ -51,7 +51,7 @@ from ..labels import encode_labels
 from ..monitors._distributed import gather_same_shape, max_across, process_count, process_index, sum_across
 from ..similarity import METRICS, Metric, l2_normalize, working_dtype
 from ._inputs import as_image_ids, progress_bar, repeated_ids, to_numpy
-from .gallery import Gallery, Template, _nearest_image_ratio, _Scan
+from .gallery import Gallery, Template, _encode, _nearest_image_ratio, _Scan
 from .report import Report
 from .retrieval import (
     _near_duplicate_queries,
@@ -497,11 +497,7 @@ def _all_or_none(everyone: list[dict[str, Any]], key: str, name: str) -> bool:
 
 def _local_values(values: Any, n_rows: int, name: str, rows_name: str) -> np.ndarray:
     """Labels or template ids of any hashable type, checked (one per row) and returned as an array."""
-    codes, classes = encode_labels(values, name, allow_empty=True)
-    if codes.shape[0] != n_rows:
-        raise ValueError(
-            f"{name} has {codes.shape[0]} entries but {rows_name} has {n_rows} rows; expected one per row"
-        )
+    codes, classes = _encode(values, n_rows, name, rows_name=rows_name, allow_empty=True)
     return classes[codes]
 
 
@@ -511,12 +507,6 @@ def _concatenated(parts: list[np.ndarray]) -> np.ndarray:
     if kinds <= set("iu") or kinds <= set("US"):
         return np.concatenate([p for p in parts if p.size] or parts[:1])
     return np.concatenate([p.astype(object) for p in parts])
-
-
-def _float_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.replace("torch.", ""))
-    assert isinstance(dtype, torch.dtype)
-    return dtype
 
 
 class ShardedGallery(Gallery):
