@@ -7,16 +7,14 @@ every batch reports; with ``sync_on_compute=False`` each reports on its own half
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from embedkit.monitors import ClassCollapseMonitor, EmbeddingHealthMonitor, _distributed
+from test_distributed_losses import run_two_processes
 
 ROWS, BATCH, CLASSES, DIM = 600, 30, 50, 16
 
@@ -32,27 +30,6 @@ def _data() -> tuple[torch.Tensor, ...]:
     embeddings[7] = float("nan")
     paired = embeddings + 0.1 * torch.randn(ROWS, DIM, generator=gen)
     return logits, labels, embeddings, paired
-
-
-def _run_two_processes(worker: Callable[..., None], tmp_path: Path, timeout: float = 120.0) -> None:
-    """Run ``worker(rank, 2, init_file, out_dir)`` in two processes; fail, not hang, on a deadlock."""
-    # A fork server that imported torch and embedkit once: the children start fast, and are
-    # not forked from this process, whose earlier tests left threads and locks behind (a
-    # plain fork hung now and then in a full run).
-    multiprocessing.set_forkserver_preload(["torch", "embedkit"])
-    context = torch.multiprocessing.start_processes(
-        worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="forkserver",
-    )
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the two processes did not finish within {timeout:.0f} s (a collective mismatch?)")
 
 
 def _monitors(sync: bool = True) -> tuple[ClassCollapseMonitor, EmbeddingHealthMonitor]:
@@ -98,7 +75,7 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
 def test_two_processes_report_what_one_process_reports(tmp_path: Path) -> None:
-    _run_two_processes(_worker, tmp_path)
+    run_two_processes(_worker, tmp_path, timeout=120.0)
     single = _monitors()
     _feed(single, range(ROWS // BATCH))
     expected = _reports(single)
@@ -142,7 +119,7 @@ def _mismatched_worker(rank: int, world_size: int, init_file: str, out_dir: str)
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
 def test_processes_fed_differently_get_an_error_not_a_hang(tmp_path: Path) -> None:
-    _run_two_processes(_mismatched_worker, tmp_path)
+    run_two_processes(_mismatched_worker, tmp_path, timeout=120.0)
     for rank in range(2):
         message = (tmp_path / f"error{rank}.txt").read_text()
         assert "the processes were fed differently" in message
@@ -166,7 +143,7 @@ def _uneven_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
 def test_a_process_with_few_rows_leaves_its_share_of_the_pair_sample_to_the_others(tmp_path: Path) -> None:
-    _run_two_processes(_uneven_worker, tmp_path)
+    run_two_processes(_uneven_worker, tmp_path, timeout=120.0)
     assert [(tmp_path / f"sample{rank}.txt").read_text() for rank in range(2)] == ["64", "64"]  # 3 + 61
 
 
@@ -190,7 +167,7 @@ def _disjoint_classes_worker(rank: int, world_size: int, init_file: str, out_dir
 
 @pytest.mark.skipif(sys.platform != "linux", reason="forks two gloo processes")
 def test_classes_seen_by_either_process_are_counted_once(tmp_path: Path) -> None:
-    _run_two_processes(_disjoint_classes_worker, tmp_path)
+    run_two_processes(_disjoint_classes_worker, tmp_path, timeout=120.0)
     for rank in range(2):
         assert json.loads((tmp_path / f"classes{rank}.json").read_text()) == [50, 25]
 
